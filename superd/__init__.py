@@ -1,0 +1,3 @@
+"""superd: an inetd-style superserver."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from superd.cli import main
+
+sys.exit(main())

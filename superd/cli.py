@@ -1,0 +1,121 @@
+"""Command line: ``superd run`` and ``superd check``.
+
+Only this module prints and chooses exit codes: 0 success, 1 configuration
+refused, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from superd import config as configmod
+from superd import log as logmod
+from superd.config import Config, Service
+from superd.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/superd/superd.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args.func(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="superd", description="An inetd-style superserver.")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="validate the configuration and show it")
+    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return configmod.load(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        print(f"superd: {len(e.problems)} problem(s) in the configuration",
+              file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    print(f"configuration {cfg.path}: OK")
+    for extra in cfg.files[1:]:
+        print(f"  includes {extra}")
+    print(f"  control {cfg.control}; max_connections {cfg.max_connections}; "
+          f"stop_timeout {cfg.stop_timeout:g}s")
+    rows = [_row(s) for s in cfg.services]
+    widths = [max(len(r[i]) for r in rows + [_HEADER]) for i in range(len(_HEADER))]
+    for row in [_HEADER, *rows]:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for svc in cfg.services:
+        if svc.not_enforced:
+            print(f"note: {svc.name}: {', '.join(svc.not_enforced)} "
+                  "parsed but not yet enforced by this version")
+        ident = svc.identity
+        if ident is not None and ident.switch and os.geteuid() != 0:
+            print(f"note: {svc.name}: user {ident.user} needs superd to run as root")
+    return 0
+
+
+_HEADER = ("SERVICE", "LISTEN", "PROTO", "WAIT", "USER", "PROGRAM")
+
+
+def _row(svc: Service) -> tuple[str, ...]:
+    listen = ",".join(str(a) for a in svc.listen)
+    if not svc.enabled:
+        listen = "(disabled)"
+    program = f"internal {svc.internal}" if svc.internal else " ".join(
+        _quote(a) for a in svc.exec)
+    user = svc.identity.user if svc.identity and not svc.internal else "-"
+    proto = "unix/" + ("dgram" if svc.datagram else "stream") if any(
+        a.path for a in svc.listen) else svc.protocol
+    return (svc.name, listen, proto, "yes" if svc.wait else "no", user, program)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+    return shlex.quote(arg)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from superd.loop import Daemon
+
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    _protect_stdio()
+    logmod.setup(cfg.log)
+    return Daemon(os.path.abspath(args.config), cfg).run()
+
+
+def _protect_stdio() -> None:
+    """Keep fds 0-2 open so no socket is ever given one of those numbers."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,568 @@
+"""Validation of each configuration value, one function per kind of value.
+
+A :class:`Reader` turns a YAML node into a Python value or records a
+problem at the node's position and returns None.  ``service()`` builds one
+:class:`~superd.config.Service` from its items and ``defaults:``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import grp
+import ipaddress
+import os
+import pwd
+import re
+import resource
+import shlex
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import yaml
+
+from superd.errors import ConfigProblem
+from superd.yamlfile import Where, kind, mapping_items, scalar, where
+
+T = TypeVar("T")
+
+SERVICE_KEYS = (
+    "listen", "protocol", "exec", "internal", "wait", "user", "group", "env",
+    "pass_env", "cwd", "umask", "nice", "rlimits", "timeout", "kill_grace",
+    "max_connections", "per_source", "source_prefix", "rate", "on_limit",
+    "reject_message", "allow", "deny", "stderr", "proxy_protocol",
+    "proxy_from", "proxy_timeout", "backlog", "reuseport", "keepalive",
+    "nodelay", "mode", "owner", "enabled",
+)
+# Parsed and validated, but not acted on yet by this version.
+NOT_ENFORCED = frozenset({
+    "per_source", "source_prefix", "rate", "on_limit", "reject_message",
+    "allow", "deny", "proxy_protocol", "proxy_from", "proxy_timeout",
+})
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RLIMITS = {
+    "nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
+    "cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS,
+    "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE,
+    "data": resource.RLIMIT_DATA, "stack": resource.RLIMIT_STACK,
+    "memlock": resource.RLIMIT_MEMLOCK,
+}
+SIZE_RLIMITS = frozenset({"as", "fsize", "core", "data", "stack", "memlock"})
+_SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PRIVATE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One ``key: value`` of a service, with the file it was written in."""
+
+    file: str
+    key: yaml.Node
+    value: yaml.Node
+
+
+def unknown(key: str, known: tuple[str, ...] | frozenset[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key '{key}'{hint}"
+
+
+def is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
+class Reader:
+    """Turns nodes of one file into values, recording problems."""
+
+    def __init__(self, file: str, problems: list[ConfigProblem]) -> None:
+        self.file = file
+        self.problems = problems
+
+    def error(self, node: yaml.Node, message: str) -> None:
+        self.problems.append(where(node, self.file).problem(message))
+
+    def opt(self, node: yaml.Node | None, parse: Callable[[yaml.Node, str], T],
+            key: str) -> T | None:
+        if node is None or is_null(node):
+            return None
+        return parse(node, key)
+
+    def _scalar(self, node: yaml.Node, key: str, tags: tuple[str, ...],
+                want: str) -> Any:
+        if isinstance(node, yaml.ScalarNode) and node.tag.rsplit(":", 1)[-1] in tags:
+            return scalar(node)
+        self.error(node, f"{key}: expected {want}, got {kind(node)}")
+        return None
+
+    def string(self, node: yaml.Node, key: str) -> str | None:
+        value = self._scalar(node, key, ("str", "int", "float"), "a string")
+        return None if value is None else str(node.value)
+
+    def boolean(self, node: yaml.Node, key: str) -> bool | None:
+        return self._scalar(node, key, ("bool",), "true or false")
+
+    def integer(self, node: yaml.Node, key: str, low: int, high: int) -> int | None:
+        value = self._scalar(node, key, ("int",), "a whole number")
+        if value is not None and not low <= value <= high:
+            self.error(node, f"{key}: {value} is out of range {low}..{high}")
+            return None
+        return value
+
+    def positive_int(self, node: yaml.Node, key: str) -> int | None:
+        return self.integer(node, key, 1, 1_000_000)
+
+    def seconds(self, node: yaml.Node, key: str) -> float | None:
+        value = self._scalar(node, key, ("int", "float"), "a number of seconds")
+        if value is not None and not 0 < value <= 365 * 86400:
+            self.error(node, f"{key}: {value} must be more than 0 seconds")
+            return None
+        return None if value is None else float(value)
+
+    def choice(self, node: yaml.Node, key: str, options: tuple[str, ...]) -> str | None:
+        value = self._scalar(node, key, ("str",), "one of " + ", ".join(options))
+        if value is not None and value not in options:
+            self.error(node, f"{key}: '{value}' is not one of {', '.join(options)}")
+            return None
+        return value
+
+    def octal(self, node: yaml.Node, key: str, high: int) -> int | None:
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":int"):
+            self.error(node, f'{key}: write it as a quoted octal string such as '
+                             f'"{node.value.zfill(3)}" (unquoted, YAML reads '
+                             f'{node.value} as the number {scalar(node)})')
+            return None
+        text = self.string(node, key)
+        if text is None:
+            return None
+        if not re.fullmatch(r"0?[0-7]{1,4}", text) or int(text, 8) > high:
+            self.error(node, f"{key}: '{text}' is not an octal mode up to {high:o}")
+            return None
+        return int(text, 8)
+
+    def str_list(self, node: yaml.Node, key: str) -> list[str] | None:
+        nodes = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        values = [self.string(n, key) for n in nodes]
+        return None if None in values else [v for v in values if v is not None]
+
+    def abs_path(self, node: yaml.Node, key: str) -> str | None:
+        text = self.string(node, key)
+        if text is not None and not os.path.isabs(text):
+            self.error(node, f"{key}: '{text}' must be an absolute path")
+            return None
+        return text
+
+    def networks(self, node: yaml.Node, key: str) -> tuple[Any, ...] | None:
+        texts = self.str_list(node, key)
+        if texts is None:
+            return None
+        nets = []
+        for text in texts:
+            try:
+                nets.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                self.error(node, f"{key}: '{text}' is not an address or CIDR")
+        return tuple(nets)
+
+    def metrics_addr(self, node: yaml.Node, key: str) -> Any:
+        from superd.config import ListenAddr
+
+        text = self.string(node, key)
+        if text is None:
+            return None
+        parsed = parse_listen(text, "tcp")
+        if isinstance(parsed, str) or parsed.path is not None:
+            self.error(node, f"{key}: {parsed if isinstance(parsed, str) else 'use ADDR:PORT'}")
+            return None
+        return ListenAddr(parsed.host, parsed.port)
+
+
+def parse_listen(text: str, protocol: str | None) -> Any:
+    """A ListenAddr for *text*, or a message saying what is wrong."""
+    from superd.config import ListenAddr
+
+    text = text.strip()
+    if text.startswith("/"):
+        return ListenAddr(path=os.path.normpath(text))
+    host: str | None
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            return f"'{text}': write an IPv6 address as [ADDR]:PORT"
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    elif ":" in text:
+        return f"'{text}': write an IPv6 address as [ADDR]:PORT"
+    else:
+        host, port = None, text
+    if host in ("", "*"):
+        host = None
+    if host is not None:
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            return f"'{host}' is not an IP address (superd does not resolve host names)"
+    number = port_number(port, protocol)
+    if isinstance(number, str):
+        return number
+    return ListenAddr(host=host, port=number)
+
+
+def port_number(port: str, protocol: str | None) -> int | str:
+    if port.isdigit():
+        value = int(port)
+        return value if 0 < value < 65536 else f"port {value} is out of range 1..65535"
+    try:
+        if protocol is None:
+            return socket.getservbyname(port)
+        return socket.getservbyname(port, protocol)
+    except OSError:
+        return f"'{port}' is not a port number or a service name in /etc/services"
+
+
+def listen_conflicts(services: list[Any]) -> list[ConfigProblem]:
+    """Two enabled services may not bind the same address.
+
+    A wildcard (every address) overlaps any address on the same port.
+    """
+    problems: list[ConfigProblem] = []
+    taken: dict[tuple[str, Any], list[tuple[str | None, Any]]] = {}
+    for svc in services:
+        if not svc.enabled:
+            continue
+        for addr in svc.listen:
+            slot = (svc.protocol, addr.path or addr.port)
+            host = addr.host
+            clash = next((other for h, other in taken.get(slot, [])
+                          if addr.path or h is None or host is None or h == host), None)
+            if clash is not None and clash is not svc:
+                w = svc.where
+                problems.append(ConfigProblem(
+                    w.file, w.line, w.col,
+                    f"service '{svc.name}' listens on {addr}/{svc.protocol}, "
+                    f"which overlaps service '{clash.name}'"))
+            taken.setdefault(slot, []).append((host, svc))
+    return problems
+
+
+def service(name: str, entry: tuple[Where, dict[str, Item]],
+            defaults: dict[str, Item], problems: list[ConfigProblem]) -> Any:
+    """Build one Service, or None if it has problems (recorded)."""
+    from superd.config import Service
+
+    place, own = entry
+    items = {**defaults, **own}
+    before = len(problems)
+    for key, item in own.items():
+        if key not in SERVICE_KEYS:
+            Reader(item.file, problems).error(item.key, unknown(key, SERVICE_KEYS))
+    values: dict[str, Any] = {}
+    for key in SERVICE_KEYS:
+        item = items.get(key)
+        if item is None or is_null(item.value):
+            continue
+        value = _PARSERS[key](Reader(item.file, problems), item.value, key)
+        if value is not None:
+            values[key] = value
+    _complete(name, place, items, values, problems)
+    if len(problems) > before:
+        return None
+    group = values.pop("group", None)
+    values.pop("user", None)
+    values["identity"] = _identity(name, place, own, items, group, problems)
+    if values["identity"] is None:
+        return None
+    written = sorted(k for k in own if k in NOT_ENFORCED)
+    return Service(name=name, where=place, not_enforced=tuple(written), **values)
+
+
+def _complete(name: str, place: Where, items: dict[str, Item],
+              values: dict[str, Any], problems: list[ConfigProblem]) -> None:
+    """Cross-key rules and defaults that depend on other keys."""
+    protocol = values.setdefault("protocol", "tcp")
+    has_exec, has_internal = "exec" in values, "internal" in values
+    if ("exec" in items) == ("internal" in items):
+        problems.append(place.problem(
+            f"service '{name}' needs exactly one of exec: or internal:"))
+        return
+    if not (has_exec or has_internal):
+        return
+    if "wait" not in values:
+        values["wait"] = protocol == "udp" and not has_internal
+    if has_internal and "wait" in items and values["wait"]:
+        problems.append(place.problem("internal services do not take wait: true"))
+    elif protocol == "udp" and not values["wait"] and has_exec:
+        problems.append(place.problem(
+            "udp services run with wait: true (a datagram socket has no "
+            "connections to hand out one at a time)"))
+    if "listen" not in items:
+        port = port_number(name, protocol)
+        if isinstance(port, str):
+            problems.append(place.problem(
+                f"no listen: given and '{name}' is not a {protocol} service "
+                "in /etc/services"))
+            return
+        from superd.config import ListenAddr
+        values["listen"] = (ListenAddr(port=port),)
+    if "exec" in values:
+        values["exec"] = _resolve_program(values["exec"], items["exec"], problems)
+    if "proxy_protocol" in values and not values.get("proxy_from"):
+        Reader(items["proxy_protocol"].file, problems).error(
+            items["proxy_protocol"].key,
+            "proxy_protocol: needs proxy_from: the balancers' addresses "
+            "(there is no safe default)")
+    unix = [a for a in values.get("listen", ()) if a.path]
+    if ("mode" in items or "owner" in items) and not unix:
+        key = "mode" if "mode" in items else "owner"
+        Reader(items[key].file, problems).error(
+            items[key].key, f"{key}: applies only to UNIX socket paths")
+
+
+def _resolve_program(argv: tuple[str, ...], item: Item,
+                     problems: list[ConfigProblem]) -> tuple[str, ...]:
+    program = argv[0]
+    if "/" not in program:
+        found = shutil.which(program, path=DEFAULT_PATH)
+        if found is None:
+            Reader(item.file, problems).error(
+                item.value, f"exec: '{program}' is not found in {DEFAULT_PATH}")
+            return argv
+        program = found
+    elif not os.path.isabs(program):
+        program = os.path.normpath(os.path.join(os.path.dirname(item.file), program))
+    if not os.path.isfile(program):
+        Reader(item.file, problems).error(item.value, f"exec: {program} does not exist")
+    elif not os.access(program, os.X_OK):
+        Reader(item.file, problems).error(item.value, f"exec: {program} is not executable")
+    elif os.geteuid() == 0 and os.stat(program).st_mode & 0o002:
+        Reader(item.file, problems).error(
+            item.value, f"exec: refused: {program} is writable by everyone")
+    return (program, *argv[1:])
+
+
+def _identity(name: str, place: Where, own: dict[str, Item], items: dict[str, Item],
+              group: str | None, problems: list[ConfigProblem]) -> Any:
+    from superd.config import Identity
+
+    root = os.geteuid() == 0
+    item = items.get("user")
+    user = None if item is None or is_null(item.value) else str(item.value.value)
+    if user is None:
+        user = "nobody" if root else pwd.getpwuid(os.geteuid()).pw_name
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        assert item is not None
+        Reader(item.file, problems).error(item.value, f"user: no user '{user}'")
+        return None
+    gid = pw.pw_gid
+    if group is not None:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            gitem = items["group"]
+            Reader(gitem.file, problems).error(gitem.value, f"group: no group '{group}'")
+            return None
+    switch = root and (pw.pw_uid, gid) != (0, 0) or (not root and (
+        pw.pw_uid != os.geteuid() or gid != os.getegid()))
+    groups = tuple(os.getgrouplist(pw.pw_name, gid)) if switch else ()
+    return Identity(pw.pw_name, pw.pw_uid, gid, groups, pw.pw_dir, pw.pw_shell, switch)
+
+
+# --- one parser per key -------------------------------------------------
+
+
+def _listen(r: Reader, node: yaml.Node, key: str) -> Any:
+    nodes = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    if not nodes:
+        r.error(node, "listen: give at least one address")
+        return None
+    result = []
+    for n in nodes:
+        text = r.string(n, key)
+        if text is None:
+            continue
+        parsed = parse_listen(text, None)
+        if isinstance(parsed, str):
+            r.error(n, f"listen: {parsed}")
+        else:
+            result.append(parsed)
+    return tuple(result) if len(result) == len(nodes) else None
+
+
+def _exec(r: Reader, node: yaml.Node, key: str) -> tuple[str, ...] | None:
+    if isinstance(node, yaml.SequenceNode):
+        argv = r.str_list(node, key)
+    else:
+        text = r.string(node, key)
+        try:
+            argv = None if text is None else shlex.split(text)
+        except ValueError as e:
+            r.error(node, f"exec: cannot split into words: {e}")
+            return None
+    if argv is not None and not argv:
+        r.error(node, "exec: give the program and its arguments")
+        return None
+    if argv is not None and any("\0" in a for a in argv):
+        r.error(node, "exec: an argument holds a NUL byte")
+        return None
+    return None if argv is None else tuple(argv)
+
+
+def _env(r: Reader, node: yaml.Node, key: str) -> tuple[tuple[str, str], ...] | None:
+    if not isinstance(node, yaml.MappingNode):
+        r.error(node, "env: expected a mapping of NAME: value")
+        return None
+    pairs = []
+    for name, (knode, vnode) in mapping_items(node, r.file, r.problems).items():
+        value = r.string(vnode, f"env.{name}")
+        if not _ENV_NAME.match(name):
+            r.error(knode, f"env: '{name}' is not a valid variable name")
+        elif value is not None:
+            pairs.append((name, value))
+    return tuple(pairs)
+
+
+def _pass_env(r: Reader, node: yaml.Node, key: str) -> tuple[str, ...] | None:
+    names = r.str_list(node, key)
+    if names is None:
+        return None
+    for name in names:
+        if not _ENV_NAME.match(name):
+            r.error(node, f"pass_env: '{name}' is not a valid variable name")
+        elif name in _PRIVATE_ENV:
+            r.error(node, f"pass_env: {name} is superd's own and never passed on")
+    return tuple(names)
+
+
+def _rlimits(r: Reader, node: yaml.Node, key: str) -> Any:
+    if not isinstance(node, yaml.MappingNode):
+        r.error(node, "rlimits: expected a mapping such as {nofile: 1024, as: 512M}")
+        return None
+    result = []
+    for name, (knode, vnode) in mapping_items(node, r.file, r.problems).items():
+        if name not in RLIMITS:
+            r.error(knode, f"rlimits: {unknown(name, tuple(RLIMITS))}")
+            continue
+        pair = vnode.value if isinstance(vnode, yaml.SequenceNode) else [vnode, vnode]
+        if len(pair) != 2:
+            r.error(vnode, f"rlimits.{name}: give one value or [soft, hard]")
+            continue
+        soft, hard = (_limit_value(r, n, name) for n in pair)
+        if soft is None or hard is None:
+            continue
+        if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+            r.error(vnode, f"rlimits.{name}: soft limit is above the hard limit")
+            continue
+        result.append((name, soft, hard))
+    return tuple(result)
+
+
+def _limit_value(r: Reader, node: yaml.Node, name: str) -> int | None:
+    if isinstance(node, yaml.ScalarNode) and node.value in ("unlimited", "infinity"):
+        return resource.RLIM_INFINITY
+    if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":int"):
+        value = scalar(node)
+        if value < 0:
+            r.error(node, f"rlimits.{name}: must not be negative")
+            return None
+        return value
+    text = r.string(node, f"rlimits.{name}")
+    m = _SIZE.match(text or "")
+    if text is not None and (m is None or name not in SIZE_RLIMITS):
+        unit = " (sizes take K, M or G)" if name in SIZE_RLIMITS else ""
+        r.error(node, f"rlimits.{name}: '{text}' is not a number or unlimited{unit}")
+        return None
+    if m is None:
+        return None
+    return int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+
+
+def _source_prefix(r: Reader, node: yaml.Node, key: str) -> tuple[int, int] | None:
+    if not isinstance(node, yaml.MappingNode):
+        r.error(node, "source_prefix: expected {v4: 32, v6: 64}")
+        return None
+    items = mapping_items(node, r.file, r.problems)
+    v4, v6 = 32, 64
+    for name, (knode, vnode) in items.items():
+        if name == "v4":
+            v4 = _or(r.integer(vnode, "source_prefix.v4", 0, 32), v4)
+        elif name == "v6":
+            v6 = _or(r.integer(vnode, "source_prefix.v6", 0, 128), v6)
+        else:
+            r.error(knode, unknown(name, ("v4", "v6")))
+    return (v4, v6)
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _owner(r: Reader, node: yaml.Node, key: str) -> tuple[int, int] | None:
+    text = r.string(node, key)
+    if text is None:
+        return None
+    user, _, group = text.partition(":")
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        gid = pw.pw_gid if not group else (
+            int(group) if group.isdigit() else grp.getgrnam(group).gr_gid)
+    except KeyError:
+        r.error(node, f"owner: no such user or group in '{text}'")
+        return None
+    return (pw.pw_uid, gid)
+
+
+def _rate(r: Reader, node: yaml.Node, key: str) -> float | None:
+    value = r._scalar(node, key, ("int", "float"), "connections per second")
+    if value is not None and value <= 0:
+        r.error(node, "rate: must be more than 0 connections per second")
+        return None
+    return None if value is None else float(value)
+
+
+_PARSERS: dict[str, Callable[[Reader, yaml.Node, str], Any]] = {
+    "listen": _listen,
+    "protocol": lambda r, n, k: r.choice(n, k, ("tcp", "udp")),
+    "exec": _exec,
+    "internal": lambda r, n, k: r.choice(
+        n, k, ("echo", "discard", "daytime", "chargen", "time")),
+    "wait": Reader.boolean,
+    "user": Reader.string,
+    "group": Reader.string,
+    "env": _env,
+    "pass_env": _pass_env,
+    "cwd": Reader.abs_path,
+    "umask": lambda r, n, k: r.octal(n, k, 0o777),
+    "nice": lambda r, n, k: r.integer(n, k, -20, 19),
+    "rlimits": _rlimits,
+    "timeout": Reader.seconds,
+    "kill_grace": Reader.seconds,
+    "max_connections": Reader.positive_int,
+    "per_source": Reader.positive_int,
+    "source_prefix": _source_prefix,
+    "rate": _rate,
+    "on_limit": lambda r, n, k: r.choice(n, k, ("queue", "reject")),
+    "reject_message": Reader.string,
+    "allow": Reader.networks,
+    "deny": Reader.networks,
+    "stderr": lambda r, n, k: r.choice(n, k, ("log", "socket", "null")),
+    "proxy_protocol": lambda r, n, k: r.choice(n, k, ("v1", "v2", "any")),
+    "proxy_from": Reader.networks,
+    "proxy_timeout": Reader.seconds,
+    "backlog": lambda r, n, k: r.integer(n, k, 1, 65535),
+    "reuseport": Reader.boolean,
+    "keepalive": Reader.boolean,
+    "nodelay": Reader.boolean,
+    "mode": lambda r, n, k: r.octal(n, k, 0o777),
+    "owner": _owner,
+    "enabled": Reader.boolean,
+}

@@ -1,0 +1,481 @@
+"""The daemon: one selectors loop that owns every piece of mutable state.
+
+Listeners, children, internal sessions, counters and timers live here.
+Signals arrive as bytes on a socketpair (``signal.set_wakeup_fd``) and are
+dispatched from the loop, never inside a handler.  Each child is watched
+through a pidfd and reaped with ``waitpid(WNOHANG)`` when it becomes
+readable; the select timeout is the next timer's deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from superd import config as configmod
+from superd.config import Config, Service
+from superd.errors import ConfigError
+from superd.internal import LOOP_PORTS, TcpSession, UdpService
+from superd.listeners import (
+    Listener,
+    ListenerKey,
+    State,
+    apply_options,
+    close_listener,
+    key_for,
+    open_listener,
+)
+from superd.log import StderrReader
+from superd.spawn import Program, connection_env
+from superd.timers import Timer, Timers
+
+log = logging.getLogger(__name__)
+
+ACCEPT_BATCH = 32
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+BACKOFF_SECONDS = 0.5
+QUICK_EXIT = 1.0  # a wait-mode program that fails sooner than this backs off
+_HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+            signal.SIGUSR2, signal.SIGCHLD)
+_READ = selectors.EVENT_READ
+
+
+@dataclass(eq=False)
+class Child:
+    proc: subprocess.Popen[bytes]
+    service: Service
+    listener: Listener | None
+    peer: str
+    started: float
+    pidfd: int | None = None
+    timer: Timer | None = None
+    signalled: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@dataclass
+class ServiceStats:
+    accepted: int = 0
+    active: int = 0
+    spawn_failures: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    exits: Counter[str] = field(default_factory=Counter)
+
+
+class Daemon:
+    def __init__(self, config_path: str, cfg: Config) -> None:
+        self.config_path = config_path
+        self.config = cfg
+        self.selector = selectors.DefaultSelector()
+        self.timers = Timers()
+        self.listeners: dict[ListenerKey, Listener] = {}
+        self.children: dict[int, Child] = {}
+        self.sessions: set[TcpSession] = set()
+        self.programs: dict[str, Program] = {}
+        self.stats: dict[str, ServiceStats] = {}
+        self.total_active = 0
+        self.full: set[Listener] = set()
+        self.stopping = False
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+
+    # --- lifecycle ----------------------------------------------------
+
+    def run(self) -> int:
+        self._setup_signals()
+        self._apply(self.config)
+        log.info("superd %d ready: %d services, %d listeners", os.getpid(),
+                 sum(s.enabled for s in self.config.services), len(self.listeners))
+        while not (self.stopping and not self.children):
+            for key, events in self.selector.select(self.timers.timeout()):
+                self._dispatch(key.data, events)
+            self.timers.run_due()
+        log.info("superd stopped")
+        return 0
+
+    def _dispatch(self, handler: Callable[[int], None], events: int) -> None:
+        try:
+            handler(events)
+        except Exception:  # a bug must not take every service down
+            log.exception("internal error in %r; continuing", handler)
+
+    def _setup_signals(self) -> None:
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        self._wakeup = (rsock, wsock)
+        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        for sig in _HANDLED:
+            signal.signal(sig, _noop)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for sig in signal.valid_signals():
+            if sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGSTOP):
+                continue  # Popen's restore_signals resets these two in children
+            try:
+                if signal.getsignal(sig) == signal.SIG_IGN:
+                    signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+        self.selector.register(rsock, _READ, self._on_signals)
+
+    def _on_signals(self, events: int) -> None:
+        assert self._wakeup is not None
+        try:
+            data = self._wakeup[0].recv(512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGHUP:
+                self.reload()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop(signal.Signals(signum).name)
+            elif signum == signal.SIGCHLD:
+                self._reap_unwatched()
+
+    def reload(self) -> bool:
+        log.info("reloading %s", self.config_path)
+        try:
+            cfg = configmod.load(self.config_path)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("%s", problem)
+            log.error("reload refused: %d problem(s); keeping the running configuration",
+                      len(e.problems))
+            return False
+        self._apply(cfg)
+        log.info("reloaded: %d services, %d listeners",
+                 sum(s.enabled for s in cfg.services), len(self.listeners))
+        return True
+
+    def stop(self, why: str) -> None:
+        if self.stopping:
+            log.info("%s again: stopping programs now", why)
+            self._signal_all(signal.SIGTERM)
+            return
+        self.stopping = True
+        log.info("%s: closing listeners; %d program(s) running", why, len(self.children))
+        for listener in list(self.listeners.values()):
+            self._close(listener)
+        for session in list(self.sessions):
+            session.close()
+        if self.children:
+            self.timers.call_later(self.config.stop_timeout, self._stop_timeout)
+
+    def _stop_timeout(self) -> None:
+        log.warning("stop_timeout: sending SIGTERM to %d program(s)", len(self.children))
+        self._signal_all(signal.SIGTERM)
+        grace = max((c.service.kill_grace for c in self.children.values()), default=5.0)
+        self.timers.call_later(grace, lambda: self._signal_all(signal.SIGKILL))
+
+    def _signal_all(self, sig: int) -> None:
+        for child in list(self.children.values()):
+            _killpg(child.pid, sig)
+
+    # --- configuration ------------------------------------------------
+
+    def _apply(self, cfg: Config) -> None:
+        wanted: dict[ListenerKey, tuple[object, Service]] = {}
+        for svc in cfg.services:
+            if svc.enabled:
+                for addr in svc.listen:
+                    wanted[key_for(addr, svc.protocol)] = (addr, svc)
+        for key in [k for k in self.listeners if k not in wanted]:
+            self._close(self.listeners.pop(key))
+        self.config = cfg
+        self.programs = {s.name: Program.for_service(s) for s in cfg.services if s.exec}
+        for svc in cfg.services:
+            self.stats.setdefault(svc.name, ServiceStats())
+        loop_ports = LOOP_PORTS | {a.port for s in cfg.services if s.internal and s.datagram
+                                   for a in s.listen}
+        for key, (addr, svc) in wanted.items():
+            listener = self.listeners.get(key)
+            try:
+                if listener is None:
+                    listener = open_listener(addr, svc)  # type: ignore[arg-type]
+                    self.listeners[key] = listener
+                else:
+                    apply_options(listener, svc)
+            except OSError as e:
+                log.error("%s: cannot listen on %s/%s: %s", svc.name, addr, svc.protocol,
+                          e.strerror or e)
+                continue
+            listener.extra["udp"] = (UdpService(svc.internal, listener.sock, loop_ports)
+                                     if svc.internal and svc.datagram else None)
+            if listener.state in (State.LISTENING, State.FULL):
+                self._set_state(listener, State.LISTENING)
+
+    # --- listeners ----------------------------------------------------
+
+    def _set_state(self, listener: Listener, state: State) -> None:
+        was_watched = listener.state == State.LISTENING and listener.extra.get("watched")
+        listener.state = state
+        self.full.discard(listener)
+        if state == State.FULL:
+            self.full.add(listener)
+        if state == State.LISTENING and not was_watched:
+            self.selector.register(listener.sock, _READ, lambda ev: self._on_listener(listener))
+            listener.extra["watched"] = True
+        elif state != State.LISTENING and listener.extra.get("watched"):
+            self.selector.unregister(listener.sock)
+            listener.extra["watched"] = False
+
+    def _close(self, listener: Listener) -> None:
+        self._set_state(listener, State.CLOSED)
+        close_listener(listener)
+
+    def _backoff(self, listener: Listener, delay: float) -> None:
+        self._set_state(listener, State.BACKOFF)
+
+        def rearm() -> None:
+            if listener.state == State.BACKOFF:
+                self._set_state(listener, State.LISTENING)
+        self.timers.call_later(delay, rearm)
+
+    def _on_listener(self, listener: Listener) -> None:
+        svc = listener.service
+        udp = listener.extra.get("udp")
+        if udp is not None:
+            udp(_READ)  # type: ignore[operator]
+        elif svc.wait:
+            self._start_wait(listener)
+        else:
+            self._accept(listener)
+
+    def _at_limit(self, svc: Service) -> bool:
+        return (self.stats[svc.name].active >= svc.max_connections
+                or self.total_active >= self.config.max_connections)
+
+    def _accept(self, listener: Listener) -> None:
+        svc = listener.service
+        for _ in range(ACCEPT_BATCH):
+            if svc.on_limit == "queue" and self._at_limit(svc):
+                self._set_state(listener, State.FULL)
+                return
+            try:
+                fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                self._accept_failed(listener, e)
+                return
+            conn = socket.socket(listener.sock.family, listener.sock.type, 0, fd)
+            if self._at_limit(svc):
+                self._reject(svc, conn, "limit")
+                continue
+            self._serve(listener, conn, peer)
+
+    def _accept_failed(self, listener: Listener, e: OSError) -> None:
+        if e.errno in RESOURCE_ERRNOS:
+            if not listener.extra.get("warned"):
+                log.warning("%s: accept on %s failed: %s; pausing it for %.1fs",
+                            listener.service.name, listener.describe(), e.strerror,
+                            BACKOFF_SECONDS)
+                listener.extra["warned"] = True
+        else:
+            log.error("%s: accept on %s failed: %s", listener.service.name,
+                      listener.describe(), e.strerror)
+        self._backoff(listener, BACKOFF_SECONDS)
+
+    def _reject(self, svc: Service, conn: socket.socket, reason: str) -> None:
+        self.stats[svc.name].rejected[reason] += 1
+        if svc.reject_message:
+            try:
+                conn.setblocking(False)
+                conn.send(svc.reject_message.encode())
+            except OSError:
+                pass
+        conn.close()
+
+    # --- serving ------------------------------------------------------
+
+    def _serve(self, listener: Listener, conn: socket.socket, peer: object) -> None:
+        svc = listener.service
+        stats = self.stats[svc.name]
+        stats.accepted += 1
+        listener.extra.pop("warned", None)
+        if svc.internal:
+            session = TcpSession(svc.internal, conn, self.selector, self._session_closed)
+            session.service = svc  # type: ignore[attr-defined]
+            self.sessions.add(session)
+            self._count(svc, +1)
+            session.start()
+            return
+        try:
+            env = connection_env(conn, peer)
+            child = self._spawn(svc, conn.fileno(), env, _peer_text(peer))
+        except OSError:
+            child = None
+        finally:
+            conn.close()
+        if child is not None:
+            self._count(svc, +1)
+
+    def _start_wait(self, listener: Listener) -> None:
+        svc = listener.service
+        self._set_state(listener, State.BUSY)
+        listener.sock.setblocking(True)
+        try:
+            child = self._spawn(svc, listener.fd, connection_env(listener.sock, None),
+                                listener.describe(), listener)
+        except OSError:
+            child = None
+        if child is None:
+            listener.sock.setblocking(False)
+            listener.fail_streak += 1
+            self._backoff(listener, _streak_delay(listener.fail_streak))
+            return
+        self._count(svc, +1)
+
+    def _spawn(self, svc: Service, stdio: int, env: dict[str, str], peer: str,
+               listener: Listener | None = None) -> Child | None:
+        program = self.programs[svc.name]
+        rfd = wfd = None
+        try:
+            if svc.stderr == "log":
+                rfd, wfd = os.pipe()
+            err = wfd if svc.stderr == "log" else (stdio if svc.stderr == "socket" else None)
+            proc = program.start(stdio, env, err)
+        except OSError as e:
+            self.stats[svc.name].spawn_failures += 1
+            log.error("%s: cannot start %s for %s: %s", svc.name, svc.exec[0], peer,
+                      e.strerror or e)
+            if rfd is not None:
+                os.close(rfd)
+            return None
+        finally:
+            if wfd is not None:
+                os.close(wfd)
+        child = Child(proc, svc, listener, peer, time.monotonic())
+        self._watch_child(child, rfd)
+        return child
+
+    def _watch_child(self, child: Child, stderr_fd: int | None) -> None:
+        self.children[child.pid] = child
+        try:
+            child.pidfd = os.pidfd_open(child.pid)
+            self.selector.register(child.pidfd, _READ, lambda ev: self._on_child(child))
+        except OSError as e:  # EMFILE: SIGCHLD will still tell us
+            log.warning("pidfd_open(%d) failed: %s; relying on SIGCHLD", child.pid, e.strerror)
+            child.pidfd = None
+        if stderr_fd is not None:
+            os.set_blocking(stderr_fd, False)
+            reader = StderrReader(stderr_fd, child.service.name, child.pid)
+            self.selector.register(stderr_fd, _READ, lambda ev: self._on_stderr(reader))
+        if child.service.timeout:
+            child.timer = self.timers.call_later(child.service.timeout,
+                                                 lambda: self._expire(child))
+        log.debug("%s[%d] started for %s", child.service.name, child.pid, child.peer)
+
+    def _on_stderr(self, reader: StderrReader) -> None:
+        if not reader.read():
+            self.selector.unregister(reader.fd)
+            os.close(reader.fd)
+
+    def _expire(self, child: Child) -> None:
+        svc = child.service
+        if child.signalled:
+            log.warning("%s[%d] still running %.0fs after SIGTERM; sending SIGKILL",
+                        svc.name, child.pid, svc.kill_grace)
+            child.signalled = "SIGKILL"
+            _killpg(child.pid, signal.SIGKILL)
+            return
+        log.warning("%s[%d] ran past its timeout of %gs; sending SIGTERM to its "
+                    "process group", svc.name, child.pid, svc.timeout)
+        child.signalled = "SIGTERM"
+        _killpg(child.pid, signal.SIGTERM)
+        child.timer = self.timers.call_later(svc.kill_grace, lambda: self._expire(child))
+
+    # --- children -----------------------------------------------------
+
+    def _on_child(self, child: Child) -> None:
+        if child.proc.poll() is not None:
+            self._reaped(child)
+
+    def _reap_unwatched(self) -> None:
+        for child in [c for c in self.children.values() if c.pidfd is None]:
+            if child.proc.poll() is not None:
+                self._reaped(child)
+
+    def _reaped(self, child: Child) -> None:
+        del self.children[child.pid]
+        if child.pidfd is not None:
+            self.selector.unregister(child.pidfd)
+            os.close(child.pidfd)
+        if child.timer is not None:
+            child.timer.cancel()
+        svc, code = child.service, child.proc.returncode
+        status = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+        elapsed = time.monotonic() - child.started
+        self.stats.setdefault(svc.name, ServiceStats()).exits[status] += 1
+        level = logging.DEBUG if code == 0 else logging.INFO
+        log.log(level, "%s[%d] for %s: %s after %.3fs", svc.name, child.pid, child.peer,
+                status, elapsed)
+        self._count(svc, -1)
+        if child.listener is not None:
+            self._wait_done(child.listener, code, elapsed)
+
+    def _wait_done(self, listener: Listener, code: int, elapsed: float) -> None:
+        if listener.state == State.CLOSED:
+            return
+        listener.sock.setblocking(False)
+        if code != 0 and elapsed < QUICK_EXIT:
+            listener.fail_streak += 1
+            delay = _streak_delay(listener.fail_streak)
+            if listener.fail_streak in (1, 5, 20):
+                log.warning("%s: program failed quickly %d time(s) in a row; "
+                            "waiting %.1fs before the next start",
+                            listener.service.name, listener.fail_streak, delay)
+            self._backoff(listener, delay)
+            return
+        listener.fail_streak = 0
+        self._set_state(listener, State.LISTENING)
+
+    def _session_closed(self, session: TcpSession) -> None:
+        self.sessions.discard(session)
+        self._count(session.service, -1)  # type: ignore[attr-defined]
+
+    def _count(self, svc: Service, delta: int) -> None:
+        stats = self.stats.setdefault(svc.name, ServiceStats())
+        stats.active += delta
+        self.total_active += delta
+        if delta < 0 and self.full:
+            for listener in list(self.full):
+                if not self._at_limit(listener.service):
+                    self._set_state(listener, State.LISTENING)
+
+
+def _noop(signum: int, frame: object) -> None:
+    """Signal handler: the wakeup fd carries the signal into the loop."""
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _streak_delay(streak: int) -> float:
+    return min(0.1 * 2 ** min(streak, 10), 10.0)
+
+
+def _peer_text(peer: object) -> str:
+    if isinstance(peer, tuple):
+        host = str(peer[0])
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer) if peer else "local client"

@@ -1,0 +1,185 @@
+"""Read a YAML file into located nodes, safely.
+
+The configuration is validated from the node graph rather than from plain
+Python values so that every error can name ``FILE:LINE:COL``.  Only the
+YAML 1.1 core tags are accepted; aliases are allowed but the walk over the
+graph is bounded, so an alias bomb is reported instead of expanded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from superd.errors import ConfigProblem
+
+MAX_FILE_BYTES = 4 * 1024 * 1024
+MAX_NODES = 100_000
+
+try:
+    _Loader: type = yaml.CSafeLoader
+except AttributeError:  # PyYAML built without libyaml
+    _Loader = yaml.SafeLoader
+
+_TAG = "tag:yaml.org,2002:"
+SCALAR_TAGS = frozenset(
+    _TAG + t for t in ("null", "bool", "int", "float", "str", "timestamp")
+)
+_constructor = yaml.constructor.SafeConstructor()
+
+
+@dataclass(frozen=True)
+class Where:
+    """A position in a file, 1-based, as editors count."""
+
+    file: str
+    line: int
+    col: int
+
+    def problem(self, message: str) -> ConfigProblem:
+        return ConfigProblem(self.file, self.line, self.col, message)
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+def where(node: yaml.Node, file: str) -> Where:
+    mark = node.start_mark
+    return Where(file, mark.line + 1, mark.column + 1)
+
+
+def load_nodes(path: str) -> yaml.Node:
+    """Return the root node of *path*; raise ConfigError on any problem."""
+    from superd.errors import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError([ConfigProblem(path, 1, 1, f"cannot read: {e.strerror}")]) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError([ConfigProblem(path, 1, 1, "file is larger than 4 MiB")])
+    text = _decode(path, data)
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise ConfigError([ConfigProblem(path, line, col, f"YAML: {e.problem}")]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([ConfigProblem(path, 1, 1, f"YAML: {e}")]) from None
+    if root is None:
+        raise ConfigError([ConfigProblem(path, 1, 1, "file is empty")])
+    problems = check_graph(root, path)
+    if problems:
+        raise ConfigError(problems)
+    return root
+
+
+def _decode(path: str, data: bytes) -> str:
+    from superd.errors import ConfigError
+
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        line = before.count(b"\n") + 1
+        col = e.start - (before.rfind(b"\n") + 1) + 1
+        raise ConfigError(
+            [ConfigProblem(path, line, col, "file is not valid UTF-8")]
+        ) from None
+
+
+def check_graph(root: yaml.Node, path: str) -> list[ConfigProblem]:
+    """Bound the expanded size of the graph and refuse unknown tags."""
+    problems: list[ConfigProblem] = []
+    stack = [root]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            return [
+                where(root, path).problem(
+                    f"document expands to more than {MAX_NODES} nodes "
+                    "(an alias bomb?); refused"
+                )
+            ]
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag not in SCALAR_TAGS:
+                problems.append(where(node, path).problem(f"unknown tag {node.tag}"))
+        elif isinstance(node, yaml.SequenceNode):
+            if node.tag != _TAG + "seq":
+                problems.append(where(node, path).problem(f"unknown tag {node.tag}"))
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            if node.tag != _TAG + "map":
+                problems.append(where(node, path).problem(f"unknown tag {node.tag}"))
+            for k, v in node.value:
+                stack.extend((k, v))
+    return problems
+
+
+def scalar(node: yaml.ScalarNode) -> Any:
+    """The Python value of a scalar node (str, int, float, bool, None...)."""
+    return _constructor.construct_object(node, deep=True)
+
+
+def kind(node: yaml.Node) -> str:
+    """A word for the type of value a node holds, for messages."""
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    name = node.tag.rsplit(":", 1)[-1]
+    return {"str": "a string", "int": "a number", "float": "a number",
+            "bool": "true/false", "null": "empty"}.get(name, name)
+
+
+def mapping_items(
+    node: yaml.MappingNode, path: str, problems: list[ConfigProblem]
+) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """Keys (as strings) to (key node, value node), merges applied.
+
+    A ``<<`` merge key copies the keys of the mapping(s) it names where not
+    given here; a key written twice is an error.
+    """
+    items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    merged: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    for knode, vnode in node.value:
+        if knode.tag == _TAG + "merge":
+            for source in _merge_sources(vnode, path, problems):
+                for key, pair in mapping_items(source, path, problems).items():
+                    merged.setdefault(key, pair)
+            continue
+        if not isinstance(knode, yaml.ScalarNode):
+            problems.append(where(knode, path).problem("a key must be a plain word"))
+            continue
+        key = str(scalar(knode))
+        if key in items:
+            first = where(items[key][0], path)
+            problems.append(
+                where(knode, path).problem(
+                    f"duplicate key '{key}' (first at line {first.line})"
+                )
+            )
+            continue
+        items[key] = (knode, vnode)
+    for key, pair in merged.items():
+        items.setdefault(key, pair)
+    return items
+
+
+def _merge_sources(
+    vnode: yaml.Node, path: str, problems: list[ConfigProblem]
+) -> list[yaml.MappingNode]:
+    if isinstance(vnode, yaml.MappingNode):
+        return [vnode]
+    if isinstance(vnode, yaml.SequenceNode) and all(
+        isinstance(n, yaml.MappingNode) for n in vnode.value
+    ):
+        return list(vnode.value)
+    problems.append(where(vnode, path).problem("'<<' must name a mapping"))
+    return []
