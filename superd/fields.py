@@ -37,10 +37,7 @@ SERVICE_KEYS = (
     "nodelay", "mode", "owner", "enabled",
 )
 # Parsed and validated, but not acted on yet by this version.
-NOT_ENFORCED = frozenset({
-    "per_source", "source_prefix", "rate", "on_limit", "reject_message",
-    "allow", "deny", "proxy_protocol", "proxy_from", "proxy_timeout",
-})
+NOT_ENFORCED = frozenset({"proxy_protocol", "proxy_from", "proxy_timeout"})
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RLIMITS = {
     "nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,

@@ -154,10 +154,12 @@ def udp_reply(name: str, data: bytes, counter: int) -> bytes | None:
 class UdpService:
     """The handler of an internal service's datagram socket."""
 
-    def __init__(self, name: str, sock: socket.socket, loop_ports: frozenset[int]) -> None:
+    def __init__(self, name: str, sock: socket.socket, loop_ports: frozenset[int],
+                 allowed: Callable[[object], bool] = lambda peer: True) -> None:
         self.name = name
         self.sock = sock
         self.loop_ports = loop_ports
+        self.allowed = allowed
         self.counter = 0
         self.dropped = 0
 
@@ -174,7 +176,7 @@ class UdpService:
             self._answer(data, peer)
 
     def _answer(self, data: bytes, peer: object) -> None:
-        if isinstance(peer, tuple) and peer[1] in self.loop_ports:
+        if isinstance(peer, tuple) and peer[1] in self.loop_ports or not self.allowed(peer):
             self.dropped += 1
             return
         reply = udp_reply(self.name, data, self.counter)

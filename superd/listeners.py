@@ -27,6 +27,7 @@ class State(enum.Enum):
     LISTENING = "listening"
     BUSY = "busy"            # wait mode: a program holds the socket
     FULL = "paused at limit"  # on_limit: queue, service at its limit
+    RATE = "paused by rate"  # on_limit: queue, token bucket empty
     BACKOFF = "backing off"  # accept() or spawn failing; re-armed by a timer
     CLOSED = "closed"
 

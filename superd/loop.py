@@ -25,6 +25,7 @@ from superd import config as configmod
 from superd.config import Config, Service
 from superd.errors import ConfigError
 from superd.internal import LOOP_PORTS, TcpSession, UdpService
+from superd.limits import Throttle, TokenBucket, access, client_ip, source_group
 from superd.listeners import (
     Listener,
     ListenerKey,
@@ -59,6 +60,7 @@ class Child:
     pidfd: int | None = None
     timer: Timer | None = None
     signalled: str = ""
+    source: tuple[str, str] | None = None
 
     @property
     def pid(self) -> int:
@@ -87,6 +89,10 @@ class Daemon:
         self.stats: dict[str, ServiceStats] = {}
         self.total_active = 0
         self.full: set[Listener] = set()
+        self.per_source: Counter[tuple[str, str]] = Counter()
+        self.buckets: dict[str, TokenBucket] = {}
+        self.throttle = Throttle()
+        self.summary_timer: Timer | None = None
         self.stopping = False
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
 
@@ -196,6 +202,10 @@ class Daemon:
         self.programs = {s.name: Program.for_service(s) for s in cfg.services if s.exec}
         for svc in cfg.services:
             self.stats.setdefault(svc.name, ServiceStats())
+        old = self.buckets
+        self.buckets = {s.name: (old[s.name] if s.name in old and old[s.name].rate == s.rate
+                                 else TokenBucket(s.rate))
+                        for s in cfg.services if s.rate}
         loop_ports = LOOP_PORTS | {a.port for s in cfg.services if s.internal and s.datagram
                                    for a in s.listen}
         for key, (addr, svc) in wanted.items():
@@ -210,8 +220,10 @@ class Daemon:
                 log.error("%s: cannot listen on %s/%s: %s", svc.name, addr, svc.protocol,
                           e.strerror or e)
                 continue
-            listener.extra["udp"] = (UdpService(svc.internal, listener.sock, loop_ports)
-                                     if svc.internal and svc.datagram else None)
+            listener.extra["udp"] = (
+                UdpService(svc.internal, listener.sock, loop_ports,
+                           lambda peer, svc=svc: access(svc, client_ip(peer))[0])
+                if svc.internal and svc.datagram else None)
             if listener.state in (State.LISTENING, State.FULL):
                 self._set_state(listener, State.LISTENING)
 
@@ -234,11 +246,12 @@ class Daemon:
         self._set_state(listener, State.CLOSED)
         close_listener(listener)
 
-    def _backoff(self, listener: Listener, delay: float) -> None:
-        self._set_state(listener, State.BACKOFF)
+    def _backoff(self, listener: Listener, delay: float,
+                 state: State = State.BACKOFF) -> None:
+        self._set_state(listener, state)
 
         def rearm() -> None:
-            if listener.state == State.BACKOFF:
+            if listener.state == state:
                 self._set_state(listener, State.LISTENING)
         self.timers.call_later(delay, rearm)
 
@@ -258,9 +271,9 @@ class Daemon:
 
     def _accept(self, listener: Listener) -> None:
         svc = listener.service
+        bucket = self.buckets.get(svc.name)
         for _ in range(ACCEPT_BATCH):
-            if svc.on_limit == "queue" and self._at_limit(svc):
-                self._set_state(listener, State.FULL)
+            if svc.on_limit == "queue" and self._hold(listener, bucket):
                 return
             try:
                 fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
@@ -272,10 +285,64 @@ class Daemon:
                 self._accept_failed(listener, e)
                 return
             conn = socket.socket(listener.sock.family, listener.sock.type, 0, fd)
-            if self._at_limit(svc):
-                self._reject(svc, conn, "limit")
-                continue
-            self._serve(listener, conn, peer)
+            source = self._admit(svc, conn, peer, bucket)
+            if source is not None:
+                self._serve(listener, conn, peer, source)
+
+    def _hold(self, listener: Listener, bucket: TokenBucket | None) -> bool:
+        """on_limit: queue — stop accepting while at a limit; True if held."""
+        if self._at_limit(listener.service):
+            self._set_state(listener, State.FULL)
+            return True
+        if bucket is not None and not bucket.ready():
+            self._backoff(listener, bucket.wait(), State.RATE)
+            return True
+        return False
+
+    def _admit(self, svc: Service, conn: socket.socket, peer: object,
+               bucket: TokenBucket | None) -> tuple[str, str] | None:
+        """The client's per-source key if it may have a program, else None
+        (the connection is then closed, counted and logged)."""
+        ip = client_ip(peer)
+        allowed, rule = access(svc, ip)
+        if not allowed:
+            self._refuse(svc, conn, peer, "denied", rule, message=False)
+            return None
+        if self._at_limit(svc):
+            self._refuse(svc, conn, peer, "limit", "max_connections reached")
+            return None
+        source = (svc.name, source_group(svc, ip))
+        if self.per_source[source] >= svc.per_source:
+            self._refuse(svc, conn, peer, "per_source",
+                         f"{source[1]} has {svc.per_source} connections (per_source)")
+            return None
+        if bucket is not None and not bucket.take():
+            self._refuse(svc, conn, peer, "rate", f"over {svc.rate:g} connections/s (rate)")
+            return None
+        return source
+
+    def _refuse(self, svc: Service, conn: socket.socket, peer: object, reason: str,
+                why: str, message: bool = True) -> None:
+        self.stats[svc.name].rejected[reason] += 1
+        if message and svc.reject_message:
+            try:
+                conn.setblocking(False)
+                conn.send(svc.reject_message.encode())
+            except OSError:
+                pass
+        conn.close()
+        if self.throttle.first(f"{svc.name} {reason} {_peer_host(peer)}"):
+            log.warning("%s: refused %s: %s", svc.name, _peer_text(peer), why)
+        elif self.summary_timer is None:
+            self.summary_timer = self.timers.call_later(self.throttle.window,
+                                                        self._log_summary)
+
+    def _log_summary(self) -> None:
+        self.summary_timer = None
+        count = self.throttle.summary_due()
+        if count:
+            log.warning("refused %d more connection(s) in the last %.0fs "
+                        "(not logged one by one)", count, self.throttle.window)
 
     def _accept_failed(self, listener: Listener, e: OSError) -> None:
         if e.errno in RESOURCE_ERRNOS:
@@ -289,19 +356,10 @@ class Daemon:
                       listener.describe(), e.strerror)
         self._backoff(listener, BACKOFF_SECONDS)
 
-    def _reject(self, svc: Service, conn: socket.socket, reason: str) -> None:
-        self.stats[svc.name].rejected[reason] += 1
-        if svc.reject_message:
-            try:
-                conn.setblocking(False)
-                conn.send(svc.reject_message.encode())
-            except OSError:
-                pass
-        conn.close()
-
     # --- serving ------------------------------------------------------
 
-    def _serve(self, listener: Listener, conn: socket.socket, peer: object) -> None:
+    def _serve(self, listener: Listener, conn: socket.socket, peer: object,
+               source: tuple[str, str]) -> None:
         svc = listener.service
         stats = self.stats[svc.name]
         stats.accepted += 1
@@ -309,8 +367,9 @@ class Daemon:
         if svc.internal:
             session = TcpSession(svc.internal, conn, self.selector, self._session_closed)
             session.service = svc  # type: ignore[attr-defined]
+            session.source = source  # type: ignore[attr-defined]
             self.sessions.add(session)
-            self._count(svc, +1)
+            self._count(svc, +1, source)
             session.start()
             return
         try:
@@ -321,7 +380,8 @@ class Daemon:
         finally:
             conn.close()
         if child is not None:
-            self._count(svc, +1)
+            child.source = source
+            self._count(svc, +1, source)
 
     def _start_wait(self, listener: Listener) -> None:
         svc = listener.service
@@ -423,7 +483,7 @@ class Daemon:
         level = logging.DEBUG if code == 0 else logging.INFO
         log.log(level, "%s[%d] for %s: %s after %.3fs", svc.name, child.pid, child.peer,
                 status, elapsed)
-        self._count(svc, -1)
+        self._count(svc, -1, child.source)
         if child.listener is not None:
             self._wait_done(child.listener, code, elapsed)
 
@@ -445,12 +505,16 @@ class Daemon:
 
     def _session_closed(self, session: TcpSession) -> None:
         self.sessions.discard(session)
-        self._count(session.service, -1)  # type: ignore[attr-defined]
+        self._count(session.service, -1, session.source)  # type: ignore[attr-defined]
 
-    def _count(self, svc: Service, delta: int) -> None:
+    def _count(self, svc: Service, delta: int, source: tuple[str, str] | None = None) -> None:
         stats = self.stats.setdefault(svc.name, ServiceStats())
         stats.active += delta
         self.total_active += delta
+        if source is not None:
+            self.per_source[source] += delta
+            if self.per_source[source] <= 0:
+                del self.per_source[source]
         if delta < 0 and self.full:
             for listener in list(self.full):
                 if not self._at_limit(listener.service):
@@ -470,6 +534,10 @@ def _killpg(pid: int, sig: int) -> None:
 
 def _streak_delay(streak: int) -> float:
     return min(0.1 * 2 ** min(streak, 10), 10.0)
+
+
+def _peer_host(peer: object) -> str:
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 def _peer_text(peer: object) -> str:

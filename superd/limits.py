@@ -1,0 +1,127 @@
+"""Access control and connection limits, as pure functions and small objects.
+
+Nothing here touches sockets or the clock directly: the loop asks
+``decide()`` whether a client may have a program, and owns the counters.
+Time is injected (``clock``) so token buckets can be tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from superd.config import Network, Service
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def client_ip(peer: object) -> IPAddress | None:
+    """The client's address, with IPv4-mapped IPv6 turned back into IPv4."""
+    if not isinstance(peer, tuple) or not peer:
+        return None
+    try:
+        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _contains(net: Network, ip: IPAddress) -> bool:
+    return net.version == ip.version and ip in net
+
+
+def access(service: Service, ip: IPAddress | None) -> tuple[bool, str]:
+    """(allowed, the rule that decided).  Deny wins; a non-empty allow rejects
+    everyone it does not name.  UNIX-socket clients (no IP) are allowed."""
+    if ip is None:
+        return True, "not an IP client (UNIX socket): allow/deny do not apply"
+    for net in service.deny:
+        if _contains(net, ip):
+            return False, f"deny {net}"
+    if not service.allow:
+        return True, "no allow list: everyone not denied"
+    for net in service.allow:
+        if _contains(net, ip):
+            return True, f"allow {net}"
+    return False, "not in the allow list"
+
+
+def source_group(service: Service, ip: IPAddress | None) -> str:
+    """The group a client counts in for ``per_source``: its /32 or /64 by default."""
+    if ip is None:
+        return "local"
+    prefix = service.source_prefix[0 if ip.version == 4 else 1]
+    if prefix == ip.max_prefixlen:
+        return str(ip)
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+class TokenBucket:
+    """``rate`` tokens a second, holding at most one second's worth."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.clock = clock
+        self.last = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+
+    def take(self) -> bool:
+        self._refill()
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def ready(self) -> bool:
+        """True when a token is available (without taking it)."""
+        self._refill()
+        return self.tokens >= 1.0
+
+    def wait(self) -> float:
+        """Seconds until a token is available."""
+        self._refill()
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+@dataclass
+class Throttle:
+    """Log the first event of each key, then at most one summary per window."""
+
+    window: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    _seen: dict[str, float] | None = None
+    suppressed: int = 0
+    _window_start: float = 0.0
+
+    def first(self, key: str) -> bool:
+        """True when an event for *key* should be logged in full."""
+        if self._seen is None:
+            self._seen = {}
+        now = self.clock()
+        last = self._seen.get(key)
+        if last is not None and now - last < self.window:
+            self.suppressed += 1
+            return False
+        if len(self._seen) > 10_000:  # bound memory under a spoofed-source flood
+            self._seen.clear()
+        self._seen[key] = now
+        return True
+
+    def summary_due(self) -> int:
+        """How many events were suppressed, once per window (0 otherwise)."""
+        now = self.clock()
+        if self.suppressed and now - self._window_start >= self.window:
+            count, self.suppressed = self.suppressed, 0
+            self._window_start = now
+            return count
+        return 0
