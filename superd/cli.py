@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and show it")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
     check.set_defaults(func=cmd_check)
+    explain = sub.add_parser("explain", help="what would happen to a client at ADDRESS")
+    explain.add_argument("service")
+    explain.add_argument("address", help="ADDR, ADDR:PORT or [V6ADDR]:PORT")
+    explain.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    explain.set_defaults(func=cmd_explain)
     return parser
 
 
@@ -92,6 +97,29 @@ def _row(svc: Service) -> tuple[str, ...]:
 def _quote(arg: str) -> str:
     import shlex
     return shlex.quote(arg)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from superd.explain import explain, parse_client
+
+    try:
+        ip, port = parse_client(args.address)
+    except ValueError:
+        print(f"superd: '{args.address}' is not ADDR, ADDR:PORT or [V6ADDR]:PORT",
+              file=sys.stderr)
+        return 2
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    svc = cfg.service(args.service)
+    if svc is None:
+        names = ", ".join(s.name for s in cfg.services) or "none"
+        print(f"superd: no service '{args.service}' in {cfg.path} (services: {names})",
+              file=sys.stderr)
+        return 2
+    for line in explain(cfg, svc, ip, port):
+        print(line)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
