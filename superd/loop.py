@@ -15,13 +15,13 @@ import os
 import selectors
 import signal
 import socket
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from superd import config as configmod
+from superd.children import Child, Children
 from superd.config import Config, Service
 from superd.errors import ConfigError
 from superd.internal import LOOP_PORTS, TcpSession, UdpService
@@ -35,7 +35,6 @@ from superd.listeners import (
     key_for,
     open_listener,
 )
-from superd.log import StderrReader
 from superd.spawn import Program, connection_env
 from superd.timers import Timer, Timers
 
@@ -48,23 +47,6 @@ QUICK_EXIT = 1.0  # a wait-mode program that fails sooner than this backs off
 _HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
             signal.SIGUSR2, signal.SIGCHLD)
 _READ = selectors.EVENT_READ
-
-
-@dataclass(eq=False)
-class Child:
-    proc: subprocess.Popen[bytes]
-    service: Service
-    listener: Listener | None
-    peer: str
-    started: float
-    pidfd: int | None = None
-    timer: Timer | None = None
-    signalled: str = ""
-    source: tuple[str, str] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
 
 @dataclass
@@ -83,7 +65,7 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.timers = Timers()
         self.listeners: dict[ListenerKey, Listener] = {}
-        self.children: dict[int, Child] = {}
+        self.children = Children(self.selector, self.timers, self._child_exited)
         self.sessions: set[TcpSession] = set()
         self.programs: dict[str, Program] = {}
         self.stats: dict[str, ServiceStats] = {}
@@ -147,7 +129,7 @@ class Daemon:
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.stop(signal.Signals(signum).name)
             elif signum == signal.SIGCHLD:
-                self._reap_unwatched()
+                self.children.reap_unwatched()
 
     def reload(self) -> bool:
         log.info("reloading %s", self.config_path)
@@ -167,7 +149,7 @@ class Daemon:
     def stop(self, why: str) -> None:
         if self.stopping:
             log.info("%s again: stopping programs now", why)
-            self._signal_all(signal.SIGTERM)
+            self.children.signal_all(signal.SIGTERM)
             return
         self.stopping = True
         log.info("%s: closing listeners; %d program(s) running", why, len(self.children))
@@ -180,13 +162,9 @@ class Daemon:
 
     def _stop_timeout(self) -> None:
         log.warning("stop_timeout: sending SIGTERM to %d program(s)", len(self.children))
-        self._signal_all(signal.SIGTERM)
-        grace = max((c.service.kill_grace for c in self.children.values()), default=5.0)
-        self.timers.call_later(grace, lambda: self._signal_all(signal.SIGKILL))
-
-    def _signal_all(self, sig: int) -> None:
-        for child in list(self.children.values()):
-            _killpg(child.pid, sig)
+        self.children.signal_all(signal.SIGTERM)
+        grace = max((c.service.kill_grace for c in self.children), default=5.0)
+        self.timers.call_later(grace, lambda: self.children.signal_all(signal.SIGKILL))
 
     # --- configuration ------------------------------------------------
 
@@ -401,83 +379,17 @@ class Daemon:
 
     def _spawn(self, svc: Service, stdio: int, env: dict[str, str], peer: str,
                listener: Listener | None = None) -> Child | None:
-        program = self.programs[svc.name]
-        rfd = wfd = None
         try:
-            if svc.stderr == "log":
-                rfd, wfd = os.pipe()
-            err = wfd if svc.stderr == "log" else (stdio if svc.stderr == "socket" else None)
-            proc = program.start(stdio, env, err)
+            return self.children.start(self.programs[svc.name], stdio, env, peer, listener)
         except OSError as e:
             self.stats[svc.name].spawn_failures += 1
             log.error("%s: cannot start %s for %s: %s", svc.name, svc.exec[0], peer,
                       e.strerror or e)
-            if rfd is not None:
-                os.close(rfd)
             return None
-        finally:
-            if wfd is not None:
-                os.close(wfd)
-        child = Child(proc, svc, listener, peer, time.monotonic())
-        self._watch_child(child, rfd)
-        return child
 
-    def _watch_child(self, child: Child, stderr_fd: int | None) -> None:
-        self.children[child.pid] = child
-        try:
-            child.pidfd = os.pidfd_open(child.pid)
-            self.selector.register(child.pidfd, _READ, lambda ev: self._on_child(child))
-        except OSError as e:  # EMFILE: SIGCHLD will still tell us
-            log.warning("pidfd_open(%d) failed: %s; relying on SIGCHLD", child.pid, e.strerror)
-            child.pidfd = None
-        if stderr_fd is not None:
-            os.set_blocking(stderr_fd, False)
-            reader = StderrReader(stderr_fd, child.service.name, child.pid)
-            self.selector.register(stderr_fd, _READ, lambda ev: self._on_stderr(reader))
-        if child.service.timeout:
-            child.timer = self.timers.call_later(child.service.timeout,
-                                                 lambda: self._expire(child))
-        log.debug("%s[%d] started for %s", child.service.name, child.pid, child.peer)
-
-    def _on_stderr(self, reader: StderrReader) -> None:
-        if not reader.read():
-            self.selector.unregister(reader.fd)
-            os.close(reader.fd)
-
-    def _expire(self, child: Child) -> None:
-        svc = child.service
-        if child.signalled:
-            log.warning("%s[%d] still running %.0fs after SIGTERM; sending SIGKILL",
-                        svc.name, child.pid, svc.kill_grace)
-            child.signalled = "SIGKILL"
-            _killpg(child.pid, signal.SIGKILL)
-            return
-        log.warning("%s[%d] ran past its timeout of %gs; sending SIGTERM to its "
-                    "process group", svc.name, child.pid, svc.timeout)
-        child.signalled = "SIGTERM"
-        _killpg(child.pid, signal.SIGTERM)
-        child.timer = self.timers.call_later(svc.kill_grace, lambda: self._expire(child))
-
-    # --- children -----------------------------------------------------
-
-    def _on_child(self, child: Child) -> None:
-        if child.proc.poll() is not None:
-            self._reaped(child)
-
-    def _reap_unwatched(self) -> None:
-        for child in [c for c in self.children.values() if c.pidfd is None]:
-            if child.proc.poll() is not None:
-                self._reaped(child)
-
-    def _reaped(self, child: Child) -> None:
-        del self.children[child.pid]
-        if child.pidfd is not None:
-            self.selector.unregister(child.pidfd)
-            os.close(child.pidfd)
-        if child.timer is not None:
-            child.timer.cancel()
+    def _child_exited(self, child: Child) -> None:
         svc, code = child.service, child.proc.returncode
-        status = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+        status = child.status()
         elapsed = time.monotonic() - child.started
         self.stats.setdefault(svc.name, ServiceStats()).exits[status] += 1
         level = logging.DEBUG if code == 0 else logging.INFO
@@ -523,13 +435,6 @@ class Daemon:
 
 def _noop(signum: int, frame: object) -> None:
     """Signal handler: the wakeup fd carries the signal into the loop."""
-
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _streak_delay(streak: int) -> float:

@@ -1,0 +1,151 @@
+"""Running programs: start, watch through pidfds, time out, reap.
+
+The loop's selector and timers are shared; each child's pidfd is
+registered with a handler that reaps it (``waitpid(WNOHANG)`` through
+``Popen.poll``) the moment it exits.  If ``pidfd_open`` fails (descriptor
+exhaustion) the child is still reaped on SIGCHLD by ``reap_unwatched``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from superd.config import Service
+from superd.listeners import Listener
+from superd.log import StderrReader
+from superd.spawn import Program
+from superd.timers import Timer, Timers
+
+log = logging.getLogger(__name__)
+_READ = selectors.EVENT_READ
+
+
+@dataclass(eq=False)
+class Child:
+    proc: subprocess.Popen[bytes]
+    service: Service
+    listener: Listener | None
+    peer: str
+    started: float
+    pidfd: int | None = None
+    timer: Timer | None = None
+    signalled: str = ""
+    source: tuple[str, str] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def status(self) -> str:
+        code = self.proc.returncode
+        if code is None:
+            return "running"
+        return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+
+
+class Children:
+    def __init__(self, selector: selectors.BaseSelector, timers: Timers,
+                 on_exit: Callable[[Child], None]) -> None:
+        self.selector = selector
+        self.timers = timers
+        self.on_exit = on_exit
+        self.running: dict[int, Child] = {}
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self.running.values()))
+
+    def start(self, program: Program, stdio: int, env: dict[str, str], peer: str,
+              listener: Listener | None = None) -> Child:
+        """Start *program* on *stdio*; raise OSError if it cannot start."""
+        svc = program.service
+        rfd = wfd = None
+        try:
+            if svc.stderr == "log":
+                rfd, wfd = os.pipe()
+            err = wfd if svc.stderr == "log" else (stdio if svc.stderr == "socket" else None)
+            proc = program.start(stdio, env, err)
+        except OSError:
+            if rfd is not None:
+                os.close(rfd)
+            raise
+        finally:
+            if wfd is not None:
+                os.close(wfd)
+        child = Child(proc, svc, listener, peer, time.monotonic())
+        self._watch(child, rfd)
+        return child
+
+    def _watch(self, child: Child, stderr_fd: int | None) -> None:
+        self.running[child.pid] = child
+        try:
+            child.pidfd = os.pidfd_open(child.pid)
+            self.selector.register(child.pidfd, _READ, lambda ev: self._on_ready(child))
+        except OSError as e:
+            log.warning("pidfd_open(%d) failed: %s; relying on SIGCHLD", child.pid, e.strerror)
+            child.pidfd = None
+        if stderr_fd is not None:
+            os.set_blocking(stderr_fd, False)
+            reader = StderrReader(stderr_fd, child.service.name, child.pid)
+            self.selector.register(stderr_fd, _READ, lambda ev: self._on_stderr(reader))
+        if child.service.timeout:
+            child.timer = self.timers.call_later(child.service.timeout,
+                                                 lambda: self._expire(child))
+        log.debug("%s[%d] started for %s", child.service.name, child.pid, child.peer)
+
+    def _on_stderr(self, reader: StderrReader) -> None:
+        if not reader.read():
+            self.selector.unregister(reader.fd)
+            os.close(reader.fd)
+
+    def _expire(self, child: Child) -> None:
+        svc = child.service
+        if child.signalled:
+            log.warning("%s[%d] still running %gs after SIGTERM; sending SIGKILL",
+                        svc.name, child.pid, svc.kill_grace)
+            child.signalled = "SIGKILL"
+            killpg(child.pid, signal.SIGKILL)
+            return
+        log.warning("%s[%d] ran past its timeout of %gs; sending SIGTERM to its "
+                    "process group", svc.name, child.pid, svc.timeout)
+        child.signalled = "SIGTERM"
+        killpg(child.pid, signal.SIGTERM)
+        child.timer = self.timers.call_later(svc.kill_grace, lambda: self._expire(child))
+
+    def _on_ready(self, child: Child) -> None:
+        if child.proc.poll() is not None:
+            self._reaped(child)
+
+    def reap_unwatched(self) -> None:
+        for child in [c for c in self.running.values() if c.pidfd is None]:
+            if child.proc.poll() is not None:
+                self._reaped(child)
+
+    def _reaped(self, child: Child) -> None:
+        del self.running[child.pid]
+        if child.pidfd is not None:
+            self.selector.unregister(child.pidfd)
+            os.close(child.pidfd)
+        if child.timer is not None:
+            child.timer.cancel()
+        self.on_exit(child)
+
+    def signal_all(self, sig: int) -> None:
+        for child in self.running.values():
+            killpg(child.pid, sig)
+
+
+def killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
