@@ -40,6 +40,7 @@ class Listener:
     service: Service
     state: State = State.LISTENING
     inode: int | None = None
+    adopted: bool = False  # handed in by systemd or a predecessor: never closed here
     fail_streak: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -48,6 +49,9 @@ class Listener:
         return self.sock.fileno()
 
     def describe(self) -> str:
+        if self.addr.path is not None:
+            kind = "dgram" if self.service.protocol == "udp" else "stream"
+            return f"{self.addr} (unix {kind})"
         return f"{self.addr}/{self.service.protocol}"
 
 
@@ -55,6 +59,36 @@ def key_for(addr: ListenAddr, protocol: str) -> ListenerKey:
     if addr.path is not None:
         return (protocol, None, addr.path)
     return (protocol, addr.host, addr.port)
+
+
+def socket_address(sock: socket.socket) -> tuple[str, ListenAddr]:
+    """(protocol, address) of a bound socket, as a service would write it."""
+    protocol = "udp" if sock.type == socket.SOCK_DGRAM else "tcp"
+    if sock.family == socket.AF_UNIX:
+        name = sock.getsockname()
+        path = name.decode() if isinstance(name, bytes) else name
+        return protocol, ListenAddr(path=path)
+    host, port = sock.getsockname()[:2]
+    wildcard = host == "0.0.0.0" or (host == "::" and not sock.getsockopt(
+        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    return protocol, ListenAddr(host=None if wildcard else host, port=port)
+
+
+def adopt_listener(sock: socket.socket, addr: ListenAddr, service: Service,
+                   own: bool = False) -> Listener:
+    """Wrap a socket someone else bound.  *own*: it was ours before a hand-over,
+    so it is ours to close and unlink; otherwise (systemd's) it is never closed
+    and its mode and owner are left as systemd set them."""
+    inode = None
+    if own and addr.path is not None:
+        try:
+            inode = os.lstat(addr.path).st_ino
+        except OSError:
+            inode = None
+    listener = Listener(key_for(addr, service.protocol), addr, sock, service,
+                        inode=inode, adopted=not own)
+    apply_options(listener, service)
+    return listener
 
 
 def open_listener(addr: ListenAddr, service: Service) -> Listener:
@@ -78,7 +112,7 @@ def apply_options(listener: Listener, service: Service) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(service.keepalive))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(service.nodelay))
         sock.listen(service.backlog or socket.SOMAXCONN)
-    if listener.addr.path is not None:
+    if listener.addr.path is not None and not listener.adopted:
         _set_mode_owner(listener.addr.path, service)
 
 

@@ -82,6 +82,20 @@ def setup(settings: LogSettings, stream: TextIO | None = None) -> None:
     log.propagate = False
 
 
+def reopen() -> None:
+    """SIGUSR1: reopen log files (after logrotate moved them)."""
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream:
+                    handler.stream.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()
+    log.info("log files reopened")
+
+
 class StderrReader:
     """Reads a child's stderr pipe; each line becomes a tagged log record."""
 

@@ -15,26 +15,33 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from superd import config as configmod
+from superd import handoff
+from superd import log as logmod
 from superd.children import Child, Children
-from superd.config import Config, Service
+from superd.config import Config, ListenAddr, Service
 from superd.errors import ConfigError
+from superd.handoff import Successor
 from superd.internal import LOOP_PORTS, TcpSession, UdpService
 from superd.limits import Throttle, TokenBucket, access, client_ip, source_group
 from superd.listeners import (
     Listener,
     ListenerKey,
     State,
+    adopt_listener,
     apply_options,
     close_listener,
     key_for,
     open_listener,
+    socket_address,
 )
+from superd.notify import Handed, Notifier, handed_sockets
 from superd.spawn import Program, connection_env
 from superd.timers import Timer, Timers
 
@@ -59,8 +66,11 @@ class ServiceStats:
 
 
 class Daemon:
-    def __init__(self, config_path: str, cfg: Config) -> None:
+    def __init__(self, config_path: str, cfg: Config,
+                 reexec_argv: list[str] | None = None) -> None:
         self.config_path = config_path
+        self.reexec_argv = reexec_argv or [sys.executable, "-m", "superd", "run",
+                                           "-c", config_path]
         self.config = cfg
         self.selector = selectors.DefaultSelector()
         self.timers = Timers()
@@ -77,20 +87,49 @@ class Daemon:
         self.summary_timer: Timer | None = None
         self.stopping = False
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self.notifier = Notifier()
+        self.handed: dict[ListenerKey, tuple[Handed, ListenAddr]] = {}
+        self.successor: Successor | None = None
+        self.handed_by_predecessor = False
 
     # --- lifecycle ----------------------------------------------------
 
     def run(self) -> int:
         self._setup_signals()
+        self._take_handed(handed_sockets())
         self._apply(self.config)
         log.info("superd %d ready: %d services, %d listeners", os.getpid(),
                  sum(s.enabled for s in self.config.services), len(self.listeners))
-        while not (self.stopping and not self.children):
+        self.notifier.ready(self.status_line())
+        handoff.tell_predecessor()
+        self._tick_watchdog()
+        while not (self.stopping and not self.children and not self.sessions):
             for key, events in self.selector.select(self.timers.timeout()):
                 self._dispatch(key.data, events)
             self.timers.run_due()
         log.info("superd stopped")
         return 0
+
+    def status_line(self) -> str:
+        services = sum(s.enabled for s in self.config.services)
+        return (f"{services} services, {len(self.listeners)} listeners, "
+                f"{self.total_active} active connections")
+
+    def _tick_watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None or self.stopping and not self.children:
+            return
+        self.notifier.watchdog()
+        self.notifier.status(self.status_line())
+        self.timers.call_later(interval, self._tick_watchdog)
+
+    def _take_handed(self, handed: list[Handed]) -> None:
+        self.handed_by_predecessor = bool(handed) and handoff.from_predecessor()
+        for h in handed:
+            protocol, addr = socket_address(h.sock)
+            self.handed[key_for(addr, protocol)] = (h, addr)
+            log.info("received socket %s/%s%s from LISTEN_FDS", addr, protocol,
+                     f" named {h.name}" if h.name else "")
 
     def _dispatch(self, handler: Callable[[int], None], events: int) -> None:
         try:
@@ -130,9 +169,17 @@ class Daemon:
                 self.stop(signal.Signals(signum).name)
             elif signum == signal.SIGCHLD:
                 self.children.reap_unwatched()
+            elif signum == signal.SIGUSR1:
+                logmod.reopen()
+            elif signum == signal.SIGUSR2:
+                self._hand_over()
 
-    def reload(self) -> bool:
+    def reload(self) -> list[str]:
+        """Re-read the configuration; the problems that refused it, or []."""
+        if self.stopping:
+            return ["superd is stopping"]
         log.info("reloading %s", self.config_path)
+        self.notifier.reloading()
         try:
             cfg = configmod.load(self.config_path)
         except ConfigError as e:
@@ -140,11 +187,13 @@ class Daemon:
                 log.error("%s", problem)
             log.error("reload refused: %d problem(s); keeping the running configuration",
                       len(e.problems))
-            return False
+            self.notifier.ready(self.status_line())
+            return [str(p) for p in e.problems]
         self._apply(cfg)
         log.info("reloaded: %d services, %d listeners",
                  sum(s.enabled for s in cfg.services), len(self.listeners))
-        return True
+        self.notifier.ready(self.status_line())
+        return []
 
     def stop(self, why: str) -> None:
         if self.stopping:
@@ -152,13 +201,79 @@ class Daemon:
             self.children.signal_all(signal.SIGTERM)
             return
         self.stopping = True
+        self.notifier.stopping()
         log.info("%s: closing listeners; %d program(s) running", why, len(self.children))
         for listener in list(self.listeners.values()):
             self._close(listener)
-        for session in list(self.sessions):
-            session.close()
+        self._close_sessions()
         if self.children:
             self.timers.call_later(self.config.stop_timeout, self._stop_timeout)
+
+    # --- hand-over to a new superd (SIGUSR2) ---------------------------
+
+    def _hand_over(self) -> None:
+        if self.stopping or self.successor is not None:
+            log.warning("SIGUSR2 ignored: %s", "stopping" if self.stopping
+                        else "a hand-over is already under way")
+            return
+        socks = [(lst.sock, lst.service.name) for lst in self.listeners.values()]
+        used = {id(lst.sock) for lst in self.listeners.values()}
+        socks += [(h.sock, h.name) for h, _ in self.handed.values() if id(h.sock) not in used]
+        try:
+            succ = handoff.start_successor(socks, self.reexec_argv)
+        except OSError as e:
+            log.error("SIGUSR2: cannot start a new superd: %s; still serving", e.strerror)
+            return
+        self.successor = succ
+        log.info("SIGUSR2: started superd %d with %d socket(s); serving until it is ready",
+                 succ.pid, len(socks))
+        self.selector.register(succ.ready_fd, _READ, lambda ev: self._successor_said())
+        self.selector.register(succ.pidfd, _READ, lambda ev: self._successor_exited())
+
+    def _successor_said(self) -> None:
+        assert self.successor is not None
+        try:
+            data = os.read(self.successor.ready_fd, 16)
+        except BlockingIOError:
+            return
+        self.selector.unregister(self.successor.ready_fd)
+        os.close(self.successor.ready_fd)
+        if data != b"ready":
+            log.error("the new superd %d failed before it was ready; still serving",
+                      self.successor.pid)
+            return
+        log.info("superd %d serves now; closing listeners and waiting for %d program(s)",
+                 self.successor.pid, len(self.children))
+        self.notifier.send(f"MAINPID={self.successor.pid}")
+        self.stopping = True
+        for listener in list(self.listeners.values()):
+            self._set_state(listener, State.CLOSED)
+            listener.sock.close()  # shared with the successor: never unlink
+        self.listeners.clear()
+        for h, _ in self.handed.values():
+            h.sock.close()
+        self.handed.clear()
+        if self.sessions:  # internal-service clients may finish, within stop_timeout
+            self.timers.call_later(self.config.stop_timeout, self._close_sessions)
+
+    def _close_sessions(self) -> None:
+        for session in list(self.sessions):
+            session.close()
+
+    def _successor_exited(self) -> None:
+        assert self.successor is not None
+        succ, self.successor = self.successor, None
+        self.selector.unregister(succ.pidfd)
+        os.close(succ.pidfd)
+        _, status = os.waitpid(succ.pid, os.WNOHANG)
+        if not self.stopping:
+            log.error("the new superd %d exited (status %d) before it was ready; "
+                      "still serving", succ.pid, os.waitstatus_to_exitcode(status))
+            try:
+                self.selector.unregister(succ.ready_fd)
+                os.close(succ.ready_fd)
+            except (KeyError, ValueError, OSError):
+                pass
 
     def _stop_timeout(self) -> None:
         log.warning("stop_timeout: sending SIGTERM to %d program(s)", len(self.children))
@@ -168,12 +283,30 @@ class Daemon:
 
     # --- configuration ------------------------------------------------
 
-    def _apply(self, cfg: Config) -> None:
-        wanted: dict[ListenerKey, tuple[object, Service]] = {}
-        for svc in cfg.services:
-            if svc.enabled:
+    def _wanted(self, cfg: Config) -> dict[ListenerKey, tuple[ListenAddr, Service]]:
+        """Every listener the configuration asks for.  A socket handed in under
+        a service's name (FileDescriptorName=) replaces that service's own
+        listen addresses: systemd decides where it listens."""
+        wanted: dict[ListenerKey, tuple[ListenAddr, Service]] = {}
+        for svc in (s for s in cfg.services if s.enabled):
+            named = [(k, a) for k, (h, a) in self.handed.items() if h.name == svc.name]
+            for key, addr in named:
+                if key[0] != svc.protocol:
+                    log.error("%s: the socket named %s is %s, the service is %s; not used",
+                              svc.name, svc.name, key[0], svc.protocol)
+                else:
+                    wanted[key] = (addr, svc)
+            if not named:
                 for addr in svc.listen:
                     wanted[key_for(addr, svc.protocol)] = (addr, svc)
+        unused = [a for k, (h, a) in self.handed.items() if k not in wanted]
+        for addr in unused:
+            log.warning("a socket received through LISTEN_FDS (%s) matches no service; "
+                        "kept open unused", addr)
+        return wanted
+
+    def _apply(self, cfg: Config) -> None:
+        wanted = self._wanted(cfg)
         for key in [k for k in self.listeners if k not in wanted]:
             self._close(self.listeners.pop(key))
         self.config = cfg
@@ -189,8 +322,12 @@ class Daemon:
         for key, (addr, svc) in wanted.items():
             listener = self.listeners.get(key)
             try:
-                if listener is None:
-                    listener = open_listener(addr, svc)  # type: ignore[arg-type]
+                if listener is None and key in self.handed:
+                    listener = adopt_listener(self.handed[key][0].sock, addr, svc,
+                                              own=self.handed_by_predecessor)
+                    self.listeners[key] = listener
+                elif listener is None:
+                    listener = open_listener(addr, svc)
                     self.listeners[key] = listener
                 else:
                     apply_options(listener, svc)
@@ -208,7 +345,7 @@ class Daemon:
     # --- listeners ----------------------------------------------------
 
     def _set_state(self, listener: Listener, state: State) -> None:
-        was_watched = listener.state == State.LISTENING and listener.extra.get("watched")
+        was_watched = listener.extra.get("watched")
         listener.state = state
         self.full.discard(listener)
         if state == State.FULL:
@@ -222,7 +359,11 @@ class Daemon:
 
     def _close(self, listener: Listener) -> None:
         self._set_state(listener, State.CLOSED)
-        close_listener(listener)
+        if listener.adopted:  # systemd's: stays open for a later reload
+            listener.sock.setblocking(False)
+        else:
+            self.handed.pop(listener.key, None)
+            close_listener(listener)
 
     def _backoff(self, listener: Listener, delay: float,
                  state: State = State.BACKOFF) -> None:
@@ -234,6 +375,8 @@ class Daemon:
         self.timers.call_later(delay, rearm)
 
     def _on_listener(self, listener: Listener) -> None:
+        if listener.state != State.LISTENING:
+            return  # closed or paused earlier in this same batch of events
         svc = listener.service
         udp = listener.extra.get("udp")
         if udp is not None:

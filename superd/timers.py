@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import time
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 
 class Timer:
@@ -45,4 +48,7 @@ class Timers:
             _, _, timer = heapq.heappop(self._heap)
             if not timer.cancelled:
                 timer.cancelled = True
-                timer.callback()
+                try:
+                    timer.callback()
+                except Exception:  # a bug must not take every service down
+                    log.exception("internal error in timer %r; continuing", timer.callback)
