@@ -7,6 +7,7 @@ refused, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -33,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    run.add_argument("--daemon", action="store_true",
+                     help="detach (double fork) instead of running in the foreground")
+    run.add_argument("--pidfile", metavar="F",
+                     help="write the pid here (with --daemon: a locked pidfile; "
+                          "default /run/superd.pid as root)")
     run.set_defaults(func=cmd_run)
     check = sub.add_parser("check", help="validate the configuration and show it")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
@@ -123,14 +129,39 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from superd import daemonize
     from superd.loop import Daemon
 
-    cfg = _load(args.config)
+    path = os.path.abspath(args.config)
+    cfg = _load(path)
     if cfg is None:
         return 1
-    _protect_stdio()
-    logmod.setup(cfg.log)
-    return Daemon(os.path.abspath(args.config), cfg).run()
+    argv = [sys.executable, "-m", "superd", "run", "-c", path]
+    if args.pidfile:
+        argv += ["--pidfile", args.pidfile]
+    if not args.daemon:
+        _protect_stdio()
+        logmod.setup(cfg.log)
+        if args.pidfile:
+            daemonize.write_pidfile(args.pidfile)
+        try:
+            return Daemon(path, cfg, argv).run()
+        finally:
+            if args.pidfile:
+                daemonize.remove_pidfile_if_mine(args.pidfile)
+    pidfile = args.pidfile or daemonize.default_pidfile()
+    holder = daemonize.pidfile_holder(pidfile)
+    if holder is not None:
+        print(f"superd: already running as pid {holder} (pidfile {pidfile})", file=sys.stderr)
+        return 1
+    settings = cfg.log
+    if settings.target == "stderr":  # nobody reads a daemon's stderr: use syslog
+        settings = dataclasses.replace(settings, target="syslog")
+    output = open(settings.file, "a") if settings.target == "file" and settings.file else None
+    with daemonize.detached(pidfile, output):
+        _protect_stdio()
+        logmod.setup(settings)
+        return Daemon(path, cfg, argv[:6] + ["--pidfile", pidfile]).run()
 
 
 def _protect_stdio() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -66,6 +67,11 @@ def setup(settings: LogSettings, stream: TextIO | None = None) -> None:
     if settings.target == "file" and settings.file:
         handler: logging.Handler = logging.FileHandler(settings.file)
         stamp = True
+    elif settings.target == "syslog":
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler.ident = f"superd[{os.getpid()}]: "
+        stamp = False
     else:
         out = stream or sys.stderr
         handler = logging.StreamHandler(out)
