@@ -15,12 +15,20 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import selectors
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from superd.listeners import State
+
+if TYPE_CHECKING:
+    from superd.loop import Daemon
 
 log = logging.getLogger(__name__)
 
 READY_ENV = "SUPERD_READY_FD"
+_READ = selectors.EVENT_READ
 _SHELL = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
 
 
@@ -75,3 +83,68 @@ def tell_predecessor() -> None:
         os.close(fd)
     except (ValueError, OSError) as e:
         log.warning("could not tell the previous superd that this one is ready: %s", e)
+
+
+class HandOver:
+    """The daemon's side of SIGUSR2 (mixed into :class:`superd.loop.Daemon`)."""
+
+    def _hand_over(self: Daemon) -> None:
+        if self.stopping or self.successor is not None:
+            log.warning("SIGUSR2 ignored: %s", "stopping" if self.stopping
+                        else "a hand-over is already under way")
+            return
+        socks = [(lst.sock, lst.service.name) for lst in self.listeners.values()]
+        used = {id(lst.sock) for lst in self.listeners.values()}
+        socks += [(h.sock, h.name) for h, _ in self.handed.values() if id(h.sock) not in used]
+        try:
+            succ = start_successor(socks, self.reexec_argv)
+        except OSError as e:
+            log.error("SIGUSR2: cannot start a new superd: %s; still serving", e.strerror)
+            return
+        self.successor = succ
+        log.info("SIGUSR2: started superd %d with %d socket(s); serving until it is ready",
+                 succ.pid, len(socks))
+        self.selector.register(succ.ready_fd, _READ, lambda ev: self._successor_said())
+        self.selector.register(succ.pidfd, _READ, lambda ev: self._successor_exited())
+
+    def _successor_said(self: Daemon) -> None:
+        assert self.successor is not None
+        try:
+            data = os.read(self.successor.ready_fd, 16)
+        except BlockingIOError:
+            return
+        self.selector.unregister(self.successor.ready_fd)
+        os.close(self.successor.ready_fd)
+        if data != b"ready":
+            log.error("the new superd %d failed before it was ready; still serving",
+                      self.successor.pid)
+            return
+        log.info("superd %d serves now; closing listeners and waiting for %d program(s)",
+                 self.successor.pid, len(self.children))
+        self.notifier.send(f"MAINPID={self.successor.pid}")
+        self.stopping = True
+        for listener in list(self.listeners.values()):
+            self._set_state(listener, State.CLOSED)
+            listener.sock.close()  # shared with the successor: never unlink
+        self.listeners.clear()
+        for h, _ in self.handed.values():
+            h.sock.close()
+        self.handed.clear()
+        if self.sessions:  # internal-service clients may finish, within stop_timeout
+            self.timers.call_later(self.config.stop_timeout, self._close_sessions)
+
+    def _successor_exited(self: Daemon) -> None:
+        assert self.successor is not None
+        succ, self.successor = self.successor, None
+        self.selector.unregister(succ.pidfd)
+        os.close(succ.pidfd)
+        _, status = os.waitpid(succ.pid, os.WNOHANG)
+        if not self.stopping:
+            log.error("the new superd %d exited (status %d) before it was ready; "
+                      "still serving", succ.pid, os.waitstatus_to_exitcode(status))
+            try:
+                self.selector.unregister(succ.ready_fd)
+                os.close(succ.ready_fd)
+            except (KeyError, ValueError, OSError):
+                pass
+

@@ -27,7 +27,7 @@ from superd import log as logmod
 from superd.children import Child, Children
 from superd.config import Config, ListenAddr, Service
 from superd.errors import ConfigError
-from superd.handoff import Successor
+from superd.handoff import HandOver, Successor
 from superd.internal import LOOP_PORTS, TcpSession, UdpService
 from superd.limits import Throttle, TokenBucket, access, client_ip, source_group
 from superd.listeners import (
@@ -65,7 +65,7 @@ class ServiceStats:
     exits: Counter[str] = field(default_factory=Counter)
 
 
-class Daemon:
+class Daemon(HandOver):
     def __init__(self, config_path: str, cfg: Config,
                  reexec_argv: list[str] | None = None) -> None:
         self.config_path = config_path
@@ -209,71 +209,9 @@ class Daemon:
         if self.children:
             self.timers.call_later(self.config.stop_timeout, self._stop_timeout)
 
-    # --- hand-over to a new superd (SIGUSR2) ---------------------------
-
-    def _hand_over(self) -> None:
-        if self.stopping or self.successor is not None:
-            log.warning("SIGUSR2 ignored: %s", "stopping" if self.stopping
-                        else "a hand-over is already under way")
-            return
-        socks = [(lst.sock, lst.service.name) for lst in self.listeners.values()]
-        used = {id(lst.sock) for lst in self.listeners.values()}
-        socks += [(h.sock, h.name) for h, _ in self.handed.values() if id(h.sock) not in used]
-        try:
-            succ = handoff.start_successor(socks, self.reexec_argv)
-        except OSError as e:
-            log.error("SIGUSR2: cannot start a new superd: %s; still serving", e.strerror)
-            return
-        self.successor = succ
-        log.info("SIGUSR2: started superd %d with %d socket(s); serving until it is ready",
-                 succ.pid, len(socks))
-        self.selector.register(succ.ready_fd, _READ, lambda ev: self._successor_said())
-        self.selector.register(succ.pidfd, _READ, lambda ev: self._successor_exited())
-
-    def _successor_said(self) -> None:
-        assert self.successor is not None
-        try:
-            data = os.read(self.successor.ready_fd, 16)
-        except BlockingIOError:
-            return
-        self.selector.unregister(self.successor.ready_fd)
-        os.close(self.successor.ready_fd)
-        if data != b"ready":
-            log.error("the new superd %d failed before it was ready; still serving",
-                      self.successor.pid)
-            return
-        log.info("superd %d serves now; closing listeners and waiting for %d program(s)",
-                 self.successor.pid, len(self.children))
-        self.notifier.send(f"MAINPID={self.successor.pid}")
-        self.stopping = True
-        for listener in list(self.listeners.values()):
-            self._set_state(listener, State.CLOSED)
-            listener.sock.close()  # shared with the successor: never unlink
-        self.listeners.clear()
-        for h, _ in self.handed.values():
-            h.sock.close()
-        self.handed.clear()
-        if self.sessions:  # internal-service clients may finish, within stop_timeout
-            self.timers.call_later(self.config.stop_timeout, self._close_sessions)
-
     def _close_sessions(self) -> None:
         for session in list(self.sessions):
             session.close()
-
-    def _successor_exited(self) -> None:
-        assert self.successor is not None
-        succ, self.successor = self.successor, None
-        self.selector.unregister(succ.pidfd)
-        os.close(succ.pidfd)
-        _, status = os.waitpid(succ.pid, os.WNOHANG)
-        if not self.stopping:
-            log.error("the new superd %d exited (status %d) before it was ready; "
-                      "still serving", succ.pid, os.waitstatus_to_exitcode(status))
-            try:
-                self.selector.unregister(succ.ready_fd)
-                os.close(succ.ready_fd)
-            except (KeyError, ValueError, OSError):
-                pass
 
     def _stop_timeout(self) -> None:
         log.warning("stop_timeout: sending SIGTERM to %d program(s)", len(self.children))

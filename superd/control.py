@@ -1,0 +1,176 @@
+"""The control socket: one JSON request and one JSON reply per connection.
+
+Requests are ``{"command": "status" | "reload" | "stop"}``.  The socket is
+mode 0600 and the peer's credentials (``SO_PEERCRED``) are checked: only
+root and superd's own user are served.  Served inside the event loop:
+each connection is a small non-blocking state machine with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import selectors
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from superd.timers import Timer, Timers
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+DEADLINE = 5.0
+_R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class ControlServer:
+    def __init__(self, path: str, selector: selectors.BaseSelector, timers: Timers,
+                 handler: Handler) -> None:
+        self.path = path
+        self.selector = selector
+        self.timers = timers
+        self.handler = handler
+        self.sock = _bind(path)
+        self.inode = os.lstat(path).st_ino
+        selector.register(self.sock, _R, self._on_accept)
+
+    def close(self) -> None:
+        self.selector.unregister(self.sock)
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            if os.lstat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+
+    def _on_accept(self, events: int) -> None:
+        for _ in range(16):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("control socket: accept failed: %s", e.strerror)
+                return
+            _Session(self, conn)
+
+
+class _Session:
+    def __init__(self, server: ControlServer, conn: socket.socket) -> None:
+        self.server = server
+        self.conn = conn
+        self.inbuf = bytearray()
+        self.outbuf = b""
+        conn.setblocking(False)
+        uid = peer_uid(conn)
+        if uid not in (0, os.geteuid()):
+            log.warning("control socket: refused uid %d (only root and uid %d are served)",
+                        uid, os.geteuid())
+            self._reply({"ok": False, "error": "permission denied"})
+        self.timer: Timer = server.timers.call_later(DEADLINE, self.close)
+        events = _W if self.outbuf else _R
+        server.selector.register(conn, events, self)
+
+    def __call__(self, events: int) -> None:
+        if events & _R and not self.outbuf:
+            self._read()
+        elif events & _W:
+            self._write()
+
+    def _read(self) -> None:
+        try:
+            data = self.conn.recv(MAX_REQUEST)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        self.inbuf += data
+        if data and b"\n" not in data and len(self.inbuf) < MAX_REQUEST:
+            return
+        try:
+            request = json.loads(self.inbuf.split(b"\n", 1)[0] or b"{}")
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+            reply = self.server.handler(request)
+        except ValueError as e:
+            reply = {"ok": False, "error": f"bad request: {e}"}
+        self._reply(reply)
+        self.server.selector.modify(self.conn, _W, self)
+
+    def _reply(self, reply: dict[str, Any]) -> None:
+        self.outbuf = json.dumps(reply).encode() + b"\n"
+
+    def _write(self) -> None:
+        try:
+            sent = self.conn.send(self.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            sent = len(self.outbuf)
+        self.outbuf = self.outbuf[sent:]
+        if not self.outbuf:
+            self.close()
+
+    def close(self) -> None:
+        if self.conn.fileno() < 0:
+            return
+        self.timer.cancel()
+        self.server.selector.unregister(self.conn)
+        self.conn.close()
+
+
+def _bind(path: str) -> socket.socket:
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale
+        except FileNotFoundError:
+            pass
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path} is in use (another superd?)")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+class NotRunning(Exception):
+    """No daemon answers on the control socket."""
+
+
+def request(path: str, command: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Send one command to the daemon at *path*; its JSON reply."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        sock.close()
+        raise NotRunning(f"superd is not running (nothing answers on {path}: "
+                         f"{e.strerror})") from None
+    with sock:
+        sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return json.loads(data)  # type: ignore[no-any-return]
