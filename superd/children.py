@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from superd.config import Service
 from superd.listeners import Listener
-from superd.log import StderrReader
+from superd.log import StderrReader, client_text
 from superd.spawn import Program
 from superd.timers import Timer, Timers
 
@@ -100,7 +100,8 @@ class Children:
         if child.service.timeout:
             child.timer = self.timers.call_later(child.service.timeout,
                                                  lambda: self._expire(child))
-        log.debug("%s[%d] started for %s", child.service.name, child.pid, child.peer)
+        log.debug("%s[%d] started for %s", child.service.name, child.pid,
+                  client_text(child.peer))
 
     def _on_stderr(self, reader: StderrReader) -> None:
         if not reader.read():

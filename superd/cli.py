@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
+
+import yaml
 
 from superd import config as configmod
 from superd import log as logmod
@@ -43,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and show it")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
     check.set_defaults(func=cmd_check)
+    status = sub.add_parser("status", help="ask the running daemon what it is doing")
+    status.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    status.add_argument("--json", action="store_true", help="print the raw JSON report")
+    status.set_defaults(func=cmd_status)
+    reload = sub.add_parser("reload", help="ask the running daemon to re-read its file")
+    reload.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    reload.set_defaults(func=cmd_reload)
     explain = sub.add_parser("explain", help="what would happen to a client at ADDRESS")
     explain.add_argument("service")
     explain.add_argument("address", help="ADDR, ADDR:PORT or [V6ADDR]:PORT")
@@ -103,6 +113,67 @@ def _row(svc: Service) -> tuple[str, ...]:
 def _quote(arg: str) -> str:
     import shlex
     return shlex.quote(arg)
+
+
+def _control_path(path: str) -> str:
+    """The control socket named by *path*, even if the file is now broken."""
+    try:
+        return configmod.load(path).control
+    except ConfigError:
+        pass
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f)
+        if isinstance(data, dict) and isinstance(data.get("control"), str):
+            return str(data["control"])
+    except (OSError, yaml.YAMLError):
+        pass
+    return configmod.default_control_path()
+
+
+def _ask(args: argparse.Namespace, command: str) -> dict[str, object] | None:
+    from superd.control import NotRunning, request
+
+    path = _control_path(args.config)
+    try:
+        return request(path, command)
+    except NotRunning as e:
+        print(f"superd: {e}", file=sys.stderr)
+    except PermissionError:
+        print(f"superd: permission denied on {path} (run as root or as superd's user)",
+              file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"superd: no answer on {path}: {e}", file=sys.stderr)
+    return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from superd.status import render
+
+    reply = _ask(args, "status")
+    if reply is None:
+        return 1
+    if not reply.get("ok"):
+        print(f"superd: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2) if args.json else render(reply))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    reply = _ask(args, "reload")
+    if reply is None:
+        return 1
+    if reply.get("ok"):
+        print("superd: configuration reloaded")
+        return 0
+    errors = reply.get("errors") or [reply.get("error")]
+    assert isinstance(errors, list)
+    for line in errors:
+        print(line, file=sys.stderr)
+    print("superd: the daemon refused the new configuration and keeps the running one",
+          file=sys.stderr)
+    return 1
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

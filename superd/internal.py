@@ -17,6 +17,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ class TcpSession:
         self.offset = 0  # chargen position in the cycle
         self.closing = False  # close once `out` is written
         self.events = 0
+        self.started = time.monotonic()
+        # set by the loop: what status and per_source accounting need
+        self.service: Any = None
+        self.source: tuple[str, str] | None = None
+        self.peer = ""
 
     def start(self) -> None:
         self.sock.setblocking(False)

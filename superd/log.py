@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import logging.handlers
 import os
+import secrets
 import sys
 import time
 from typing import TextIO
@@ -16,6 +19,11 @@ log = logging.getLogger("superd")
 child_log = logging.getLogger("superd.child")
 MAX_LINE = 4096
 
+_JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
+                     logging.ERROR: 3, logging.CRITICAL: 2}
+# How client addresses appear in log lines (log.client_address); set by setup().
+_policy = {"client_address": "full", "key": secrets.token_bytes(16)}
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
            "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -23,14 +31,17 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
 class TextFormatter(logging.Formatter):
     """``LEVEL message``, with a timestamp unless journald adds its own."""
 
-    def __init__(self, stamp: bool) -> None:
+    def __init__(self, stamp: bool, journal: bool = False) -> None:
         super().__init__()
         self.stamp = stamp
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         text = f"{record.levelname.lower()}: {record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
+        if self.journal:  # journald reads <N> as the syslog priority (journalctl -p)
+            return f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{text}"
         if self.stamp:
             when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
             text = f"{when} superd[{os.getpid()}] {text}"
@@ -64,6 +75,7 @@ def under_journal(stream: TextIO) -> bool:
 
 def setup(settings: LogSettings, stream: TextIO | None = None) -> None:
     """Send superd's log to stderr (or the configured file), replacing handlers."""
+    journal = False
     if settings.target == "file" and settings.file:
         handler: logging.Handler = logging.FileHandler(settings.file)
         stamp = True
@@ -75,17 +87,38 @@ def setup(settings: LogSettings, stream: TextIO | None = None) -> None:
     else:
         out = stream or sys.stderr
         handler = logging.StreamHandler(out)
-        stamp = not under_journal(out)
+        journal = under_journal(out)
+        stamp = not journal
     if settings.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(TextFormatter(stamp))
+        handler.setFormatter(TextFormatter(stamp, journal))
+    _policy["client_address"] = settings.client_address
     for old in list(log.handlers):
         log.removeHandler(old)
         old.close()
     log.addHandler(handler)
     log.setLevel(_LEVELS[settings.level])
     log.propagate = False
+
+
+def client_text(peer: str) -> str:
+    """A client address as log lines show it: full, a keyed hash, or hidden.
+
+    The hash is an HMAC with a key made at start-up: stable while superd
+    runs (lines about one client can be matched), not reversible by trying
+    every IPv4 address.  The port is dropped along with the address.
+    """
+    policy = _policy["client_address"]
+    if policy == "full":
+        return peer
+    if policy == "none":
+        return "client"
+    host = peer.rsplit(":", 1)[0] if peer.count(":") == 1 or peer.startswith("[") else peer
+    key = _policy["key"]
+    assert isinstance(key, bytes)
+    digest = hmac.new(key, host.encode(), hashlib.sha256).hexdigest()[:12]
+    return f"client-{digest}"
 
 
 def reopen() -> None:

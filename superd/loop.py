@@ -22,10 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from superd import config as configmod
-from superd import handoff
+from superd import handoff, status
 from superd import log as logmod
 from superd.children import Child, Children
 from superd.config import Config, ListenAddr, Service
+from superd.control import ControlServer
 from superd.errors import ConfigError
 from superd.handoff import HandOver, Successor
 from superd.internal import LOOP_PORTS, TcpSession, UdpService
@@ -41,6 +42,7 @@ from superd.listeners import (
     open_listener,
     socket_address,
 )
+from superd.metrics import Durations, MetricsServer
 from superd.notify import Handed, Notifier, handed_sockets
 from superd.spawn import Program, connection_env
 from superd.timers import Timer, Timers
@@ -63,6 +65,7 @@ class ServiceStats:
     spawn_failures: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     exits: Counter[str] = field(default_factory=Counter)
+    durations: Durations = field(default_factory=Durations)
 
 
 class Daemon(HandOver):
@@ -91,13 +94,21 @@ class Daemon(HandOver):
         self.handed: dict[ListenerKey, tuple[Handed, ListenAddr]] = {}
         self.successor: Successor | None = None
         self.handed_by_predecessor = False
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+        self.reloads: Counter[str] = Counter()
+        self.last_reload_ok = 1
+        self.control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
 
     # --- lifecycle ----------------------------------------------------
 
     def run(self) -> int:
+        self.pid = os.getpid()
         self._setup_signals()
         self._take_handed(handed_sockets())
         self._apply(self.config)
+        self._endpoints(self.config)
         log.info("superd %d ready: %d services, %d listeners", os.getpid(),
                  sum(s.enabled for s in self.config.services), len(self.listeners))
         self.notifier.ready(self.status_line())
@@ -107,8 +118,57 @@ class Daemon(HandOver):
             for key, events in self.selector.select(self.timers.timeout()):
                 self._dispatch(key.data, events)
             self.timers.run_due()
+        if self.control is not None:
+            self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("superd stopped")
         return 0
+
+    def _endpoints(self, cfg: Config) -> None:
+        """(Re)open the control socket and the metrics listener if they moved."""
+        if self.control is None or self.control.path != cfg.control:
+            if self.control is not None:
+                self.control.close()
+                self.control = None
+            try:
+                self.control = ControlServer(cfg.control, self.selector, self.timers,
+                                             self._on_control)
+            except OSError as e:
+                log.warning("control socket %s: %s; superd status/reload will not reach "
+                            "this daemon", cfg.control, e.strerror or e)
+        if self.metrics is None or self.metrics.addr != cfg.metrics:
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
+            if cfg.metrics is not None:
+                try:
+                    self.metrics = MetricsServer(cfg.metrics, self.selector, self.timers,
+                                                 self._metrics_snapshot)
+                except OSError as e:
+                    log.error("metrics: cannot listen on %s: %s", cfg.metrics,
+                              e.strerror or e)
+
+    def _on_control(self, request: dict[str, object]) -> dict[str, object]:
+        command = request.get("command")
+        if command == "status":
+            return status.report(self)
+        if command == "reload":
+            errors = self.reload()
+            return {"ok": not errors, "errors": errors}
+        if command == "stop":
+            self.stop("stop requested on the control socket")
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {command!r} "
+                                      "(status, reload or stop)"}
+
+    def _metrics_snapshot(self) -> dict[str, object]:
+        services = {name: {"accepted": st.accepted, "active": st.active,
+                           "spawn_failures": st.spawn_failures, "rejected": st.rejected,
+                           "exits": st.exits, "durations": st.durations}
+                    for name, st in self.stats.items()}
+        return {"services": services, "listeners": len(self.listeners),
+                "reloads": self.reloads, "last_reload_ok": self.last_reload_ok}
 
     def status_line(self) -> str:
         services = sum(s.enabled for s in self.config.services)
@@ -187,9 +247,14 @@ class Daemon(HandOver):
                 log.error("%s", problem)
             log.error("reload refused: %d problem(s); keeping the running configuration",
                       len(e.problems))
+            self.reloads["refused"] += 1
+            self.last_reload_ok = 0
             self.notifier.ready(self.status_line())
             return [str(p) for p in e.problems]
         self._apply(cfg)
+        self._endpoints(cfg)
+        self.reloads["accepted"] += 1
+        self.last_reload_ok = 1
         log.info("reloaded: %d services, %d listeners",
                  sum(s.enabled for s in cfg.services), len(self.listeners))
         self.notifier.ready(self.status_line())
@@ -205,6 +270,7 @@ class Daemon(HandOver):
         log.info("%s: closing listeners; %d program(s) running", why, len(self.children))
         for listener in list(self.listeners.values()):
             self._close(listener)
+        self.listeners.clear()
         self._close_sessions()
         if self.children:
             self.timers.call_later(self.config.stop_timeout, self._stop_timeout)
@@ -391,7 +457,8 @@ class Daemon(HandOver):
                 pass
         conn.close()
         if self.throttle.first(f"{svc.name} {reason} {_peer_host(peer)}"):
-            log.warning("%s: refused %s: %s", svc.name, _peer_text(peer), why)
+            log.warning("%s: refused %s: %s", svc.name, logmod.client_text(_peer_text(peer)),
+                        why)
         elif self.summary_timer is None:
             self.summary_timer = self.timers.call_later(self.throttle.window,
                                                         self._log_summary)
@@ -425,8 +492,9 @@ class Daemon(HandOver):
         listener.extra.pop("warned", None)
         if svc.internal:
             session = TcpSession(svc.internal, conn, self.selector, self._session_closed)
-            session.service = svc  # type: ignore[attr-defined]
-            session.source = source  # type: ignore[attr-defined]
+            session.service = svc
+            session.source = source
+            session.peer = _peer_text(peer)
             self.sessions.add(session)
             self._count(svc, +1, source)
             session.start()
@@ -464,18 +532,21 @@ class Daemon(HandOver):
             return self.children.start(self.programs[svc.name], stdio, env, peer, listener)
         except OSError as e:
             self.stats[svc.name].spawn_failures += 1
-            log.error("%s: cannot start %s for %s: %s", svc.name, svc.exec[0], peer,
-                      e.strerror or e)
+            log.error("%s: cannot start %s for %s: %s", svc.name, svc.exec[0],
+                      logmod.client_text(peer), e.strerror or e)
             return None
 
     def _child_exited(self, child: Child) -> None:
         svc, code = child.service, child.proc.returncode
         status = child.status()
         elapsed = time.monotonic() - child.started
-        self.stats.setdefault(svc.name, ServiceStats()).exits[status] += 1
-        level = logging.DEBUG if code == 0 else logging.INFO
-        log.log(level, "%s[%d] for %s: %s after %.3fs", svc.name, child.pid, child.peer,
-                status, elapsed)
+        stats = self.stats.setdefault(svc.name, ServiceStats())
+        stats.exits[status] += 1
+        stats.durations.observe(elapsed)
+        client = logmod.client_text(child.peer)
+        log.info("%s[%d] %s: %s after %.3fs", svc.name, child.pid, client, status, elapsed,
+                 extra={"service": svc.name, "pid": child.pid, "client": client,
+                        "status": status, "duration": round(elapsed, 6)})
         self._count(svc, -1, child.source)
         if child.listener is not None:
             self._wait_done(child.listener, code, elapsed)
@@ -498,7 +569,9 @@ class Daemon(HandOver):
 
     def _session_closed(self, session: TcpSession) -> None:
         self.sessions.discard(session)
-        self._count(session.service, -1, session.source)  # type: ignore[attr-defined]
+        assert session.service is not None
+        self.stats[session.service.name].durations.observe(time.monotonic() - session.started)
+        self._count(session.service, -1, session.source)
 
     def _count(self, svc: Service, delta: int, source: tuple[str, str] | None = None) -> None:
         stats = self.stats.setdefault(svc.name, ServiceStats())

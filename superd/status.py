@@ -48,6 +48,8 @@ def report(daemon: Daemon) -> dict[str, Any]:
 def _state(enabled: bool, listeners: list, wanted: set, daemon: Daemon) -> str:  # type: ignore[type-arg]
     if not enabled:
         return "disabled"
+    if daemon.stopping:
+        return "stopping"
     keys = {lst.key for lst in listeners}
     if not listeners or (not daemon.handed and wanted - keys):
         return "failed to bind"

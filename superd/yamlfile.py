@@ -157,7 +157,7 @@ def mapping_items(
         if not isinstance(knode, yaml.ScalarNode):
             problems.append(where(knode, path).problem("a key must be a plain word"))
             continue
-        key = str(scalar(knode))
+        key = str(knode.value)  # as written: YAML 1.1 would read `off:` as false
         if key in items:
             first = where(items[key][0], path)
             problems.append(
