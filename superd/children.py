@@ -12,7 +12,6 @@ import logging
 import os
 import selectors
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ _READ = selectors.EVENT_READ
 
 @dataclass(eq=False)
 class Child:
-    proc: subprocess.Popen[bytes]
+    pid: int
     service: Service
     listener: Listener | None
     peer: str
@@ -38,13 +37,22 @@ class Child:
     timer: Timer | None = None
     signalled: str = ""
     source: tuple[str, str] | None = None
+    returncode: int | None = None  # as subprocess: -N for a signal
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def poll(self) -> int | None:
+        """Reap the child if it has exited (waitpid WNOHANG)."""
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = 255  # reaped by someone else: should not happen
+                return self.returncode
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
 
     def status(self) -> str:
-        code = self.proc.returncode
+        code = self.returncode
         if code is None:
             return "running"
         return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
@@ -73,7 +81,7 @@ class Children:
             if svc.stderr == "log":
                 rfd, wfd = os.pipe()
             err = wfd if svc.stderr == "log" else (stdio if svc.stderr == "socket" else None)
-            proc = program.start(stdio, env, err)
+            pid = program.start(stdio, env, err)
         except OSError:
             if rfd is not None:
                 os.close(rfd)
@@ -81,7 +89,7 @@ class Children:
         finally:
             if wfd is not None:
                 os.close(wfd)
-        child = Child(proc, svc, listener, peer, time.monotonic())
+        child = Child(pid, svc, listener, peer, time.monotonic())
         self._watch(child, rfd)
         return child
 
@@ -123,12 +131,12 @@ class Children:
         child.timer = self.timers.call_later(svc.kill_grace, lambda: self._expire(child))
 
     def _on_ready(self, child: Child) -> None:
-        if child.proc.poll() is not None:
+        if child.poll() is not None:
             self._reaped(child)
 
     def reap_unwatched(self) -> None:
         for child in [c for c in self.running.values() if c.pidfd is None]:
-            if child.proc.poll() is not None:
+            if child.poll() is not None:
                 self._reaped(child)
 
     def _reaped(self, child: Child) -> None:

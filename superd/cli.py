@@ -202,6 +202,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from superd import daemonize
     from superd.loop import Daemon
+    from superd.spawn import prepare_daemon
 
     path = os.path.abspath(args.config)
     cfg = _load(path)
@@ -212,6 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv += ["--pidfile", args.pidfile]
     if not args.daemon:
         _protect_stdio()
+        prepare_daemon()
         logmod.setup(cfg.log)
         if args.pidfile:
             daemonize.write_pidfile(args.pidfile)
@@ -231,12 +233,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     output = open(settings.file, "a") if settings.target == "file" and settings.file else None
     with daemonize.detached(pidfile, output):
         _protect_stdio()
+        prepare_daemon()
         logmod.setup(settings)
         return Daemon(path, cfg, argv[:6] + ["--pidfile", pidfile]).run()
 
 
 def _protect_stdio() -> None:
-    """Keep fds 0-2 open so no socket is ever given one of those numbers."""
+    """Keep fds 0-2 open so no socket is ever given one of those numbers, and
+    make every other inherited descriptor close-on-exec so no program superd
+    starts can inherit it (sockets handed in by LISTEN_FDS are still used)."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -245,6 +250,13 @@ def _protect_stdio() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the directory listing's own descriptor, now closed
 
 
 if __name__ == "__main__":

@@ -73,6 +73,11 @@ def is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")
 
 
+def _number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def valid_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
@@ -214,21 +219,22 @@ def parse_listen(text: str, protocol: str | None) -> Any:
 
 
 def port_number(port: str, protocol: str | None) -> int | str:
-    if port.isdigit():
+    if _number(port):
         value = int(port)
         return value if 0 < value < 65536 else f"port {value} is out of range 1..65535"
     try:
         if protocol is None:
             return socket.getservbyname(port)
         return socket.getservbyname(port, protocol)
-    except OSError:
+    except (OSError, ValueError):
         return f"'{port}' is not a port number or a service name in /etc/services"
 
 
 def listen_conflicts(services: list[Any]) -> list[ConfigProblem]:
-    """Two enabled services may not bind the same address.
+    """No two listen addresses (of one service or two) may overlap.
 
-    A wildcard (every address) overlaps any address on the same port.
+    A bare port (every address, dual-stack) overlaps any address on that
+    port; ``0.0.0.0`` overlaps every IPv4 address, ``::`` every IPv6 one.
     """
     problems: list[ConfigProblem] = []
     taken: dict[tuple[str, Any], list[tuple[str | None, Any]]] = {}
@@ -237,17 +243,26 @@ def listen_conflicts(services: list[Any]) -> list[ConfigProblem]:
             continue
         for addr in svc.listen:
             slot = (svc.protocol, addr.path or addr.port)
-            host = addr.host
-            clash = next((other for h, other in taken.get(slot, [])
-                          if addr.path or h is None or host is None or h == host), None)
-            if clash is not None and clash is not svc:
+            clash = next((other for host, other in taken.get(slot, [])
+                          if addr.path or _overlap(host, addr.host)), None)
+            if clash is not None:
                 w = svc.where
+                whose = "itself" if clash is svc else f"service '{clash.name}'"
                 problems.append(ConfigProblem(
                     w.file, w.line, w.col,
                     f"service '{svc.name}' listens on {addr}/{svc.protocol}, "
-                    f"which overlaps service '{clash.name}'"))
-            taken.setdefault(slot, []).append((host, svc))
+                    f"which overlaps {whose}"))
+            taken.setdefault(slot, []).append((addr.host, svc))
     return problems
+
+
+def _overlap(a: str | None, b: str | None) -> bool:
+    if a is None or b is None or a == b:
+        return True
+    va, vb = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    if va.version != vb.version:
+        return False
+    return va.is_unspecified or vb.is_unspecified
 
 
 def service(name: str, entry: tuple[Where, dict[str, Item]],
@@ -355,16 +370,16 @@ def _identity(name: str, place: Where, own: dict[str, Item], items: dict[str, It
     if user is None:
         user = "nobody" if root else pwd.getpwuid(os.geteuid()).pw_name
     try:
-        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
+        pw = pwd.getpwuid(int(user)) if _number(user) else pwd.getpwnam(user)
+    except (KeyError, ValueError, OverflowError):
         assert item is not None
         Reader(item.file, problems).error(item.value, f"user: no user '{user}'")
         return None
     gid = pw.pw_gid
     if group is not None:
         try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        except KeyError:
+            gid = int(group) if _number(group) else grp.getgrnam(group).gr_gid
+        except (KeyError, ValueError, OverflowError):
             gitem = items["group"]
             Reader(gitem.file, problems).error(gitem.value, f"group: no group '{group}'")
             return None
@@ -509,10 +524,10 @@ def _owner(r: Reader, node: yaml.Node, key: str) -> tuple[int, int] | None:
         return None
     user, _, group = text.partition(":")
     try:
-        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        pw = pwd.getpwuid(int(user)) if _number(user) else pwd.getpwnam(user)
         gid = pw.pw_gid if not group else (
-            int(group) if group.isdigit() else grp.getgrnam(group).gr_gid)
-    except KeyError:
+            int(group) if _number(group) else grp.getgrnam(group).gr_gid)
+    except (KeyError, ValueError, OverflowError):
         r.error(node, f"owner: no such user or group in '{text}'")
         return None
     return (pw.pw_uid, gid)

@@ -537,7 +537,7 @@ class Daemon(HandOver):
             return None
 
     def _child_exited(self, child: Child) -> None:
-        svc, code = child.service, child.proc.returncode
+        svc, code = child.service, child.returncode
         status = child.status()
         elapsed = time.monotonic() - child.started
         stats = self.stats.setdefault(svc.name, ServiceStats())

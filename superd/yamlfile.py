@@ -64,18 +64,29 @@ def load_nodes(path: str) -> yaml.Node:
     text = _decode(path, data)
     try:
         root = yaml.compose(text, Loader=_Loader)
+    except yaml.reader.ReaderError as e:
+        line, col = _position(text, e.position)
+        raise ConfigError([ConfigProblem(
+            path, line, col, f"YAML: unacceptable character #x{e.character:04x}: "
+            f"{e.reason}")]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise ConfigError([ConfigProblem(path, line, col, f"YAML: {e.problem}")]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([ConfigProblem(path, 1, 1, f"YAML: {e}")]) from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError([ConfigProblem(path, 1, 1, f"YAML: {first}")]) from None
     if root is None:
         raise ConfigError([ConfigProblem(path, 1, 1, "file is empty")])
     problems = check_graph(root, path)
     if problems:
         raise ConfigError(problems)
     return root
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    before = text[:index]
+    return before.count("\n") + 1, index - (before.rfind("\n") + 1) + 1
 
 
 def _decode(path: str, data: bytes) -> str:
@@ -108,7 +119,7 @@ def check_graph(root: yaml.Node, path: str) -> list[ConfigProblem]:
                 )
             ]
         if isinstance(node, yaml.ScalarNode):
-            if node.tag not in SCALAR_TAGS:
+            if node.tag not in SCALAR_TAGS and node.tag != _TAG + "merge":
                 problems.append(where(node, path).problem(f"unknown tag {node.tag}"))
         elif isinstance(node, yaml.SequenceNode):
             if node.tag != _TAG + "seq":
