@@ -62,10 +62,10 @@ _DROPPED = {
     "mdns": "superd does not register services over mDNS",
     "leaky_bucket": "superd's rate: is a plain token bucket; set it by hand",
     "rlimit_rss": "Linux ignores RLIMIT_RSS; superd has no such limit",
-    "enabled": "", "disabled": "",
 }
 _XI_DEFAULT_KEYS = {"instances": "max_connections", "per_source": "per_source",
                     "cps": "rate", "umask": "umask"}
+_UNLIMITED = object()
 _RLIMITS = {"rlimit_as": "as", "rlimit_cpu": "cpu", "rlimit_files": "nofile",
             "rlimit_data": "data", "rlimit_stack": "stack"}
 _SIZE_RLIMITS = frozenset({"as", "data", "stack"})
@@ -148,12 +148,15 @@ def _read(path: str) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _meaningful(text: str) -> list[tuple[int, str, bool]]:
-    """(line number, text, enabled) of lines that are not blank or comments."""
+def _meaningful(text: str, off: bool = True) -> list[tuple[int, str, bool]]:
+    """(line number, text, enabled) of lines that are not blank or comments.
+
+    With *off*, Debian's ``#<off>#`` lines count, as disabled entries.
+    """
     result = []
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
-        enabled = not line.startswith(_OFF)
+        enabled = not (off and line.startswith(_OFF))
         if not enabled:
             line = line[len(_OFF):].strip()
         if line and not line.startswith("#"):
@@ -235,6 +238,8 @@ def _inetd_socket(service: str, socktype: str, proto: str,
     conv.protocol = kinds[socktype]
     conv.tag = base
     if base == "unix":
+        if not service.startswith("/"):
+            raise _Skip(f"UNIX socket '{service}' is not an absolute path")
         conv.name = os.path.basename(service.rstrip("/")) or "unix"
         conv.binds = [(None, os.path.normpath(service))]
         return
@@ -244,10 +249,17 @@ def _inetd_socket(service: str, socktype: str, proto: str,
     hosts = _split_hosts(hosts_text) if sep else default_hosts
     conv.name = name
     port = _port(name, conv.protocol)
-    conv.binds = _inetd_binds(hosts, port, base[3:], conv)
     if port is None:
-        raise _Skip(f"'{name}' is not a port number or a {conv.protocol} service in "
-                    "/etc/services on this machine: give listen: a port number")
+        _no_port(f"'{name}' is not a port number", conv)
+    else:
+        conv.binds = _inetd_binds(hosts, port, base[3:], conv)
+
+
+def _no_port(what: str, conv: Converted) -> None:
+    """Carry on converting, but leave the entry commented out."""
+    conv.keys["listen"] = "PORT"
+    conv.skipped = (f"{what} or a {conv.protocol} service in /etc/services on this "
+                    "machine: write listen: PORT and uncomment it")
 
 
 def _port(name: str, protocol: str) -> int | None:
@@ -259,7 +271,7 @@ def _port(name: str, protocol: str) -> int | None:
         return None
 
 
-def _inetd_binds(hosts: list[str | None], port: int | None, family: str,
+def _inetd_binds(hosts: list[str | None], port: int, family: str,
                  conv: Converted) -> list[tuple[str | None, int | str]]:
     wildcard = {"4": "0.0.0.0", "6": "::"}.get(family)
     if family == "46":
@@ -268,13 +280,13 @@ def _inetd_binds(hosts: list[str | None], port: int | None, family: str,
     binds: list[tuple[str | None, int | str]] = []
     for host in hosts:
         if host is None:
-            binds.append((wildcard, port or 0))
+            binds.append((wildcard, port))
         elif _ip(host) is not None:
-            binds.append((_ip(host), port or 0))
+            binds.append((_ip(host), port))
         else:
             _host_name(host, conv)
     if not binds:
-        binds.append((wildcard, port or 0))
+        binds.append((wildcard, port))
     return binds
 
 
@@ -415,7 +427,7 @@ def _xi_parse(path: str, text: str, doc: _Doc, seen: set[str]) -> list[_Block]:
     blocks: list[_Block] = []
     block: _Block | None = None
     opened = True
-    for n, line, _ in _meaningful(text.replace(_OFF, "#")):
+    for n, line, _ in _meaningful(text, off=False):
         if block is not None and not opened:
             if line != "{":
                 raise ConvertError(f"{path}:{block.line}: '{block.kind} {block.name}' "
@@ -503,11 +515,11 @@ def _xi_convert(blocks: list[_Block], doc: _Doc) -> None:
     for extra in defaults[1:]:
         doc.default_notes.append(f"{extra.file}:{extra.line}: a second defaults section "
                                  "is ignored, as xinetd does")
-    doc.header.append("xinetd passed its own environment to programs unless passenv was "
-                      "set; superd passes only env:, pass_env: and a minimal PATH")
-    for block in blocks:
-        if block.kind == "service":
-            doc.services.append(_xi_service(block, dfl))
+    services = [_xi_service(b, dfl, doc.defaults) for b in blocks if b.kind == "service"]
+    if any("exec" in c.keys and "pass_env" not in c.keys for c in services):
+        doc.header.append("xinetd passed its own environment to programs unless passenv "
+                          "was set; superd passes only env:, pass_env: and a minimal PATH")
+    doc.services.extend(services)
 
 
 def _xi_defaults(block: _Block, doc: _Doc) -> _XDefaults:
@@ -518,14 +530,15 @@ def _xi_defaults(block: _Block, doc: _Doc) -> _XDefaults:
     probe = Converted(name="defaults", origin="", title="")
     for name, values in dfl.values.items():
         _xi_default_value(name, values, dfl, probe, doc)
+    _unlimited(probe, None)
     doc.defaults.update(probe.keys)
-    doc.default_notes.extend(probe.notes)
+    doc.default_notes.extend(f"defaults: {n}" for n in probe.notes)
     return dfl
 
 
 def _xi_default_value(name: str, values: list[str], dfl: _XDefaults, probe: Converted,
                       doc: _Doc) -> None:
-    where = f"defaults: {name} = {' '.join(values)}"
+    where = f"{name} = {' '.join(values)}"
     if name in _XI_DEFAULT_KEYS:
         _XI_SETTERS[name](values, probe)
     elif name in ("only_from", "no_access"):
@@ -536,7 +549,9 @@ def _xi_default_value(name: str, values: list[str], dfl: _XDefaults, probe: Conv
             setattr(dfl, key, nets)
     elif name == "passenv":
         _xi_passenv(values, probe)
-    elif name in _XI_FROM_DEFAULTS or name in ("enabled", "disabled"):
+    elif name in _XI_FROM_DEFAULTS:
+        probe.note(f"{where}: carried into each service's listen:")
+    elif name in ("enabled", "disabled"):
         pass
     elif name in _DROPPED:
         probe.note(f"{where}: not carried over: {_DROPPED[name]}")
@@ -571,24 +586,28 @@ def _xi_effective(block: _Block, dfl: _XDefaults,
     return eff, own
 
 
-def _xi_service(block: _Block, dfl: _XDefaults) -> Converted:
+def _xi_service(block: _Block, dfl: _XDefaults, defaults: dict[str, Any]) -> Converted:
     conv = Converted(name=block.name, origin=f"{block.file}:{block.line}",
                      title=f"service {block.name}")
     eff, own = _xi_effective(block, dfl, conv)
     if "id" in eff:
         conv.name = eff["id"][0]
         conv.title += f" (id {conv.name})"
+        conv.tag = "-"
+    flags = set(eff.get("flags", []))
     try:
         _xi_enabled(eff, dfl, conv)
-        flags = set(eff.get("flags", []))
-        _xi_program(block.name, eff, flags, conv)
+        _xi_unsupported(eff, flags)
+        _xi_socket(eff, conv)
         _xi_listen(block.name, eff, flags, conv)
+        _xi_program(block.name, eff, flags, conv)
         _xi_flags(flags, conv)
         _xi_access(eff, dfl, conv)
         for name in sorted(own - _XI_HANDLED, key=list(eff).index):
             _xi_value(name, eff[name], conv)
-        if "passenv" in eff and "passenv" not in dfl.values:
-            _xi_passenv(eff["passenv"], conv)
+        if eff.get("passenv") != dfl.values.get("passenv"):
+            _xi_passenv(eff.get("passenv", []), conv, force=True)
+        _unlimited(conv, defaults.get("max_connections"))
     except _Skip as e:
         conv.skipped = str(e)
     return conv
@@ -615,8 +634,7 @@ def _xi_enabled(eff: dict[str, list[str]], dfl: _XDefaults, conv: Converted) -> 
         conv.note(f"disabled in the source ({reason})")
 
 
-def _xi_program(name: str, eff: dict[str, list[str]], flags: set[str],
-                conv: Converted) -> None:
+def _xi_unsupported(eff: dict[str, list[str]], flags: set[str]) -> None:
     types = set(eff.get("type", []))
     if "RPC" in types or "rpc_version" in eff:
         raise _Skip("Sun RPC services are not supported by superd")
@@ -624,7 +642,11 @@ def _xi_program(name: str, eff: dict[str, list[str]], flags: set[str],
         raise _Skip("TCPMUX (RFC 1078) services are not supported by superd")
     if "SENSOR" in flags:
         raise _Skip("flags = SENSOR: superd has no port-scan trap (deny_time)")
-    _xi_socket(eff, conv)
+
+
+def _xi_program(name: str, eff: dict[str, list[str]], flags: set[str],
+                conv: Converted) -> None:
+    types = set(eff.get("type", []))
     if "UNLISTED" in types and "port" in eff:
         conv.note("type = UNLISTED: superd takes the port from listen:")
     if "INTERNAL" in types:
@@ -658,7 +680,8 @@ def _xi_socket(eff: dict[str, list[str]], conv: Converted) -> None:
         raise _Skip(f"protocol = {protocol or '(none)'}: superd serves tcp and udp only")
     if socktype and kinds[socktype] != protocol:
         raise _Skip(f"socket_type = {socktype} does not fit protocol = {protocol}")
-    conv.protocol = conv.tag = protocol
+    conv.protocol = protocol
+    conv.tag = conv.tag or protocol
 
 
 def _xi_wait(eff: dict[str, list[str]], conv: Converted) -> None:
@@ -682,10 +705,10 @@ def _xi_listen(name: str, eff: dict[str, list[str]], flags: set[str],
         host = "0.0.0.0"
     elif host is None and "IPv6" in flags and _first(eff, "v6only").lower() == "yes":
         host = "::"
-    conv.binds = [(host, port or 0)]
     if port is None:
-        raise _Skip(f"no port given and '{name}' is not a {conv.protocol} service in "
-                    "/etc/services on this machine: give listen: a port number")
+        _no_port(f"no port given and '{name}' is not a port number", conv)
+    else:
+        conv.binds = [(host, port)]
 
 
 def _xi_flags(flags: set[str], conv: Converted) -> None:
@@ -703,7 +726,8 @@ def _xi_flags(flags: set[str], conv: Converted) -> None:
 def _xi_access(eff: dict[str, list[str]], dfl: _XDefaults, conv: Converted) -> None:
     allow = deny = None
     if "only_from" in eff:
-        allow = _networks(eff["only_from"], "only_from", conv)
+        quiet = eff["only_from"] == dfl.values.get("only_from")
+        allow = _networks(eff["only_from"], "only_from", conv, quiet)
         if not allow:
             conv.keys["enabled"] = False
             conv.note("only_from leaves no address superd can match, so xinetd served "
@@ -711,8 +735,9 @@ def _xi_access(eff: dict[str, list[str]], dfl: _XDefaults, conv: Converted) -> N
         elif allow != dfl.allow:
             conv.keys["allow"] = allow
     if "no_access" in eff:
-        deny = _networks(eff["no_access"], "no_access", conv)
-        if deny and deny != dfl.deny:
+        quiet = eff["no_access"] == dfl.values.get("no_access")
+        deny = _networks(eff["no_access"], "no_access", conv, quiet)
+        if deny != (dfl.deny or []):
             conv.keys["deny"] = deny
     if allow and deny and _shadowed(allow, deny):
         conv.note("an only_from entry lies inside a no_access one: xinetd let the more "
@@ -732,17 +757,29 @@ def _xi_value(name: str, values: list[str], conv: Converted) -> None:
 # --- xinetd: value converters --------------------------------------------
 
 
-def _limit(key: str, default: int) -> Any:
+def _limit(key: str) -> Any:
     def setter(values: list[str], conv: Converted) -> None:
         text = values[0] if values else ""
         if text.isdigit() and 0 < int(text) <= 1_000_000:
             conv.keys[key] = int(text)
         elif text.upper() == "UNLIMITED":
-            conv.note(f"{key} UNLIMITED: superd always has a limit; its default "
-                      f"({default}) applies unless you set {key}:")
+            conv.keys[key] = _UNLIMITED
         else:
             conv.note(f"'{text}' is not a usable {key}; not carried over")
     return setter
+
+
+def _unlimited(conv: Converted, fallback: Any) -> None:
+    """superd always limits: UNLIMITED becomes its default, or no extra limit."""
+    if conv.keys.get("max_connections") is _UNLIMITED:
+        conv.keys["max_connections"] = 64
+        conv.note("instances = UNLIMITED: superd always has a limit; max_connections: 64 "
+                  "(its default) is written here, raise it if needed")
+    if conv.keys.get("per_source") is _UNLIMITED:
+        most = conv.keys.get("max_connections") or fallback
+        conv.keys["per_source"] = most if isinstance(most, int) else 64
+        conv.note("per_source = UNLIMITED: per_source set to max_connections, so it adds "
+                  "no limit of its own")
 
 
 def _cps(values: list[str], conv: Converted) -> None:
@@ -788,11 +825,11 @@ def _env(values: list[str], conv: Converted) -> None:
         conv.keys["env"] = env
 
 
-def _xi_passenv(values: list[str], conv: Converted) -> None:
+def _xi_passenv(values: list[str], conv: Converted, force: bool = False) -> None:
     names = [v for v in values if _ENV_NAME.match(v) and v not in _PRIVATE_ENV]
     for bad in (v for v in values if v not in names):
         conv.note(f"passenv {bad}: not passed on (not a name, or superd's own)")
-    if names:
+    if names or force:
         conv.keys["pass_env"] = names
 
 
@@ -814,8 +851,8 @@ def _rlimit(attr: str) -> Any:
 
 
 _XI_SETTERS: dict[str, Any] = {
-    "instances": _limit("max_connections", 64),
-    "per_source": _limit("per_source", 16),
+    "instances": _limit("max_connections"),
+    "per_source": _limit("per_source"),
     "cps": _cps,
     "umask": _umask,
     "nice": _nice,
@@ -824,7 +861,8 @@ _XI_SETTERS: dict[str, Any] = {
 }
 
 
-def _networks(values: list[str], attr: str, conv: Converted) -> list[str]:
+def _networks(values: list[str], attr: str, conv: Converted,
+              quiet: bool = False) -> list[str]:
     nets: list[str] = []
     dropped: list[str] = []
     for value in values:
@@ -832,7 +870,7 @@ def _networks(values: list[str], attr: str, conv: Converted) -> list[str]:
         if found is None:
             dropped.append(value)
         nets.extend(n for n in found or [] if n not in nets)
-    if dropped:
+    if dropped and not quiet:
         warn = " superd will NOT refuse them" if attr == "no_access" else ""
         conv.note(f"{attr}: dropped {' '.join(dropped)}: host, domain and network names "
                   f"are not addresses and superd never resolves names.{warn}")
@@ -871,7 +909,7 @@ def _partial_v4(text: str) -> str | None:
 def _shadowed(allow: list[str], deny: list[str]) -> bool:
     a_nets = [ipaddress.ip_network(a) for a in allow]
     d_nets = [ipaddress.ip_network(d) for d in deny]
-    return any(a.version == d.version and a != d and a.subnet_of(d)  # type: ignore[arg-type]
+    return any(a.version == d.version and a != d and a.subnet_of(d)
                for a in a_nets for d in d_nets)
 
 
@@ -883,7 +921,7 @@ def _name_services(services: list[Converted]) -> None:
     for conv in services:
         base = re.sub(r"[^A-Za-z0-9._-]", "-", conv.name).strip("-._") or "service"
         name = base
-        if name in taken and conv.tag:
+        if name in taken and conv.tag not in ("", "-"):
             name = f"{base}-{conv.tag}"
         number = 2
         while name in taken:

@@ -14,7 +14,6 @@ import os
 import pwd
 import re
 import resource
-import shlex
 import shutil
 import socket
 from collections.abc import Callable
@@ -279,7 +278,7 @@ def service(name: str, entry: tuple[Where, dict[str, Item]],
     values: dict[str, Any] = {}
     for key in SERVICE_KEYS:
         item = items.get(key)
-        if item is None or is_null(item.value):
+        if item is None or (is_null(item.value) and key != "stderr"):
             continue
         value = _PARSERS[key](Reader(item.file, problems), item.value, key)
         if value is not None:
@@ -383,9 +382,11 @@ def _identity(name: str, place: Where, own: dict[str, Item], items: dict[str, It
             gitem = items["group"]
             Reader(gitem.file, problems).error(gitem.value, f"group: no group '{group}'")
             return None
-    switch = root and (pw.pw_uid, gid) != (0, 0) or (not root and (
-        pw.pw_uid != os.geteuid() or gid != os.getegid()))
-    groups = tuple(os.getgrouplist(pw.pw_name, gid)) if switch else ()
+    groups = tuple(os.getgrouplist(pw.pw_name, gid))
+    if root:  # even `user: root` gets root's groups, not whatever superd inherited
+        switch = (pw.pw_uid, gid, sorted(groups)) != (0, 0, sorted(os.getgroups()))
+    else:
+        switch = pw.pw_uid != os.geteuid() or gid != os.getegid()
     return Identity(pw.pw_name, pw.pw_uid, gid, groups, pw.pw_dir, pw.pw_shell, switch)
 
 
@@ -410,13 +411,64 @@ def _listen(r: Reader, node: yaml.Node, key: str) -> Any:
     return tuple(result) if len(result) == len(nodes) else None
 
 
+def split_words(text: str) -> list[str]:
+    """Split like a POSIX shell splits words, quoting only: no expansion,
+    no globbing, no operators.  Raise ValueError for an unclosed quote."""
+    words: list[str] = []
+    word: list[str] | None = None
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in " \t\n":
+            if word is not None:
+                words.append("".join(word))
+                word = None
+            i += 1
+            continue
+        word = word if word is not None else []
+        if c == "\\":
+            if i + 1 < n and text[i + 1] != "\n":
+                word.append(text[i + 1])
+            i += 2
+        elif c == "'":
+            end = text.find("'", i + 1)
+            if end < 0:
+                raise ValueError("no closing single quote")
+            word.append(text[i + 1:end])
+            i = end + 1
+        elif c == '"':
+            i = _double_quoted(text, i + 1, word)
+        else:
+            word.append(c)
+            i += 1
+    if word is not None:
+        words.append("".join(word))
+    return words
+
+
+def _double_quoted(text: str, i: int, word: list[str]) -> int:
+    """Append the inside of a double-quoted part; the index after its end."""
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            return i + 1
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in '$`"\\\n':
+            if text[i + 1] != "\n":
+                word.append(text[i + 1])
+            i += 2
+            continue
+        word.append(c)
+        i += 1
+    raise ValueError("no closing double quote")
+
+
 def _exec(r: Reader, node: yaml.Node, key: str) -> tuple[str, ...] | None:
     if isinstance(node, yaml.SequenceNode):
         argv = r.str_list(node, key)
     else:
         text = r.string(node, key)
         try:
-            argv = None if text is None else shlex.split(text)
+            argv = None if text is None else split_words(text)
         except ValueError as e:
             r.error(node, f"exec: cannot split into words: {e}")
             return None
@@ -566,7 +618,8 @@ _PARSERS: dict[str, Callable[[Reader, yaml.Node, str], Any]] = {
     "reject_message": Reader.string,
     "allow": Reader.networks,
     "deny": Reader.networks,
-    "stderr": lambda r, n, k: r.choice(n, k, ("log", "socket", "null")),
+    # a bare `stderr: null` is YAML's null: it means the same as "null"
+    "stderr": lambda r, n, k: "null" if is_null(n) else r.choice(n, k, ("log", "socket", "null")),
     "proxy_protocol": lambda r, n, k: r.choice(n, k, ("v1", "v2", "any")),
     "proxy_from": Reader.networks,
     "proxy_timeout": Reader.seconds,

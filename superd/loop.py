@@ -9,7 +9,6 @@ readable; the select timeout is the next timer's deadline.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import selectors
@@ -19,56 +18,41 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from superd import config as configmod
 from superd import handoff, status
 from superd import log as logmod
-from superd.children import Child, Children
+from superd.accept import Acceptor, ServiceStats
+from superd.children import Children
 from superd.config import Config, ListenAddr, Service
 from superd.control import ControlServer
 from superd.errors import ConfigError
 from superd.handoff import HandOver, Successor
 from superd.internal import LOOP_PORTS, TcpSession, UdpService
-from superd.limits import Throttle, TokenBucket, access, client_ip, source_group
+from superd.limits import Throttle, TokenBucket, access, client_ip
 from superd.listeners import (
     Listener,
     ListenerKey,
     State,
     adopt_listener,
     apply_options,
-    close_listener,
     key_for,
     open_listener,
     socket_address,
 )
-from superd.metrics import Durations, MetricsServer
+from superd.metrics import MetricsServer
 from superd.notify import Handed, Notifier, handed_sockets
-from superd.spawn import Program, connection_env
+from superd.spawn import Program
 from superd.timers import Timer, Timers
 
 log = logging.getLogger(__name__)
 
-ACCEPT_BATCH = 32
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-BACKOFF_SECONDS = 0.5
-QUICK_EXIT = 1.0  # a wait-mode program that fails sooner than this backs off
 _HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
             signal.SIGUSR2, signal.SIGCHLD)
 _READ = selectors.EVENT_READ
 
 
-@dataclass
-class ServiceStats:
-    accepted: int = 0
-    active: int = 0
-    spawn_failures: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    exits: Counter[str] = field(default_factory=Counter)
-    durations: Durations = field(default_factory=Durations)
-
-
-class Daemon(HandOver):
+class Daemon(Acceptor, HandOver):
     def __init__(self, config_path: str, cfg: Config,
                  reexec_argv: list[str] | None = None) -> None:
         self.config_path = config_path
@@ -346,263 +330,6 @@ class Daemon(HandOver):
             if listener.state in (State.LISTENING, State.FULL):
                 self._set_state(listener, State.LISTENING)
 
-    # --- listeners ----------------------------------------------------
-
-    def _set_state(self, listener: Listener, state: State) -> None:
-        was_watched = listener.extra.get("watched")
-        listener.state = state
-        self.full.discard(listener)
-        if state == State.FULL:
-            self.full.add(listener)
-        if state == State.LISTENING and not was_watched:
-            self.selector.register(listener.sock, _READ, lambda ev: self._on_listener(listener))
-            listener.extra["watched"] = True
-        elif state != State.LISTENING and listener.extra.get("watched"):
-            self.selector.unregister(listener.sock)
-            listener.extra["watched"] = False
-
-    def _close(self, listener: Listener) -> None:
-        self._set_state(listener, State.CLOSED)
-        if listener.adopted:  # systemd's: stays open for a later reload
-            listener.sock.setblocking(False)
-        else:
-            self.handed.pop(listener.key, None)
-            close_listener(listener)
-
-    def _backoff(self, listener: Listener, delay: float,
-                 state: State = State.BACKOFF) -> None:
-        self._set_state(listener, state)
-
-        def rearm() -> None:
-            if listener.state == state:
-                self._set_state(listener, State.LISTENING)
-        self.timers.call_later(delay, rearm)
-
-    def _on_listener(self, listener: Listener) -> None:
-        if listener.state != State.LISTENING:
-            return  # closed or paused earlier in this same batch of events
-        svc = listener.service
-        udp = listener.extra.get("udp")
-        if udp is not None:
-            udp(_READ)  # type: ignore[operator]
-        elif svc.wait:
-            self._start_wait(listener)
-        else:
-            self._accept(listener)
-
-    def _at_limit(self, svc: Service) -> bool:
-        return (self.stats[svc.name].active >= svc.max_connections
-                or self.total_active >= self.config.max_connections)
-
-    def _accept(self, listener: Listener) -> None:
-        svc = listener.service
-        bucket = self.buckets.get(svc.name)
-        for _ in range(ACCEPT_BATCH):
-            if svc.on_limit == "queue" and self._hold(listener, bucket):
-                return
-            try:
-                fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as e:
-                self._accept_failed(listener, e)
-                return
-            conn = socket.socket(listener.sock.family, listener.sock.type, 0, fd)
-            source = self._admit(svc, conn, peer, bucket)
-            if source is not None:
-                self._serve(listener, conn, peer, source)
-
-    def _hold(self, listener: Listener, bucket: TokenBucket | None) -> bool:
-        """on_limit: queue — stop accepting while at a limit; True if held."""
-        if self._at_limit(listener.service):
-            self._set_state(listener, State.FULL)
-            return True
-        if bucket is not None and not bucket.ready():
-            self._backoff(listener, bucket.wait(), State.RATE)
-            return True
-        return False
-
-    def _admit(self, svc: Service, conn: socket.socket, peer: object,
-               bucket: TokenBucket | None) -> tuple[str, str] | None:
-        """The client's per-source key if it may have a program, else None
-        (the connection is then closed, counted and logged)."""
-        ip = client_ip(peer)
-        allowed, rule = access(svc, ip)
-        if not allowed:
-            self._refuse(svc, conn, peer, "denied", rule, message=False)
-            return None
-        if self._at_limit(svc):
-            self._refuse(svc, conn, peer, "limit", "max_connections reached")
-            return None
-        source = (svc.name, source_group(svc, ip))
-        if self.per_source[source] >= svc.per_source:
-            self._refuse(svc, conn, peer, "per_source",
-                         f"{source[1]} has {svc.per_source} connections (per_source)")
-            return None
-        if bucket is not None and not bucket.take():
-            self._refuse(svc, conn, peer, "rate", f"over {svc.rate:g} connections/s (rate)")
-            return None
-        return source
-
-    def _refuse(self, svc: Service, conn: socket.socket, peer: object, reason: str,
-                why: str, message: bool = True) -> None:
-        self.stats[svc.name].rejected[reason] += 1
-        if message and svc.reject_message:
-            try:
-                conn.setblocking(False)
-                conn.send(svc.reject_message.encode())
-            except OSError:
-                pass
-        conn.close()
-        if self.throttle.first(f"{svc.name} {reason} {_peer_host(peer)}"):
-            log.warning("%s: refused %s: %s", svc.name, logmod.client_text(_peer_text(peer)),
-                        why)
-        elif self.summary_timer is None:
-            self.summary_timer = self.timers.call_later(self.throttle.window,
-                                                        self._log_summary)
-
-    def _log_summary(self) -> None:
-        self.summary_timer = None
-        count = self.throttle.summary_due()
-        if count:
-            log.warning("refused %d more connection(s) in the last %.0fs "
-                        "(not logged one by one)", count, self.throttle.window)
-
-    def _accept_failed(self, listener: Listener, e: OSError) -> None:
-        if e.errno in RESOURCE_ERRNOS:
-            if not listener.extra.get("warned"):
-                log.warning("%s: accept on %s failed: %s; pausing it for %.1fs",
-                            listener.service.name, listener.describe(), e.strerror,
-                            BACKOFF_SECONDS)
-                listener.extra["warned"] = True
-        else:
-            log.error("%s: accept on %s failed: %s", listener.service.name,
-                      listener.describe(), e.strerror)
-        self._backoff(listener, BACKOFF_SECONDS)
-
-    # --- serving ------------------------------------------------------
-
-    def _serve(self, listener: Listener, conn: socket.socket, peer: object,
-               source: tuple[str, str]) -> None:
-        svc = listener.service
-        stats = self.stats[svc.name]
-        stats.accepted += 1
-        listener.extra.pop("warned", None)
-        if svc.internal:
-            session = TcpSession(svc.internal, conn, self.selector, self._session_closed)
-            session.service = svc
-            session.source = source
-            session.peer = _peer_text(peer)
-            self.sessions.add(session)
-            self._count(svc, +1, source)
-            session.start()
-            return
-        try:
-            env = connection_env(conn, peer)
-            child = self._spawn(svc, conn.fileno(), env, _peer_text(peer))
-        except OSError:
-            child = None
-        finally:
-            conn.close()
-        if child is not None:
-            child.source = source
-            self._count(svc, +1, source)
-
-    def _start_wait(self, listener: Listener) -> None:
-        svc = listener.service
-        self._set_state(listener, State.BUSY)
-        listener.sock.setblocking(True)
-        try:
-            child = self._spawn(svc, listener.fd, connection_env(listener.sock, None),
-                                listener.describe(), listener)
-        except OSError:
-            child = None
-        if child is None:
-            listener.sock.setblocking(False)
-            listener.fail_streak += 1
-            self._backoff(listener, _streak_delay(listener.fail_streak))
-            return
-        self._count(svc, +1)
-
-    def _spawn(self, svc: Service, stdio: int, env: dict[str, str], peer: str,
-               listener: Listener | None = None) -> Child | None:
-        try:
-            return self.children.start(self.programs[svc.name], stdio, env, peer, listener)
-        except OSError as e:
-            self.stats[svc.name].spawn_failures += 1
-            log.error("%s: cannot start %s for %s: %s", svc.name, svc.exec[0],
-                      logmod.client_text(peer), e.strerror or e)
-            return None
-
-    def _child_exited(self, child: Child) -> None:
-        svc, code = child.service, child.returncode
-        status = child.status()
-        elapsed = time.monotonic() - child.started
-        stats = self.stats.setdefault(svc.name, ServiceStats())
-        stats.exits[status] += 1
-        stats.durations.observe(elapsed)
-        client = logmod.client_text(child.peer)
-        log.info("%s[%d] %s: %s after %.3fs", svc.name, child.pid, client, status, elapsed,
-                 extra={"service": svc.name, "pid": child.pid, "client": client,
-                        "status": status, "duration": round(elapsed, 6)})
-        self._count(svc, -1, child.source)
-        if child.listener is not None:
-            self._wait_done(child.listener, code, elapsed)
-
-    def _wait_done(self, listener: Listener, code: int, elapsed: float) -> None:
-        if listener.state == State.CLOSED:
-            return
-        listener.sock.setblocking(False)
-        if code != 0 and elapsed < QUICK_EXIT:
-            listener.fail_streak += 1
-            delay = _streak_delay(listener.fail_streak)
-            if listener.fail_streak in (1, 5, 20):
-                log.warning("%s: program failed quickly %d time(s) in a row; "
-                            "waiting %.1fs before the next start",
-                            listener.service.name, listener.fail_streak, delay)
-            self._backoff(listener, delay)
-            return
-        listener.fail_streak = 0
-        self._set_state(listener, State.LISTENING)
-
-    def _session_closed(self, session: TcpSession) -> None:
-        self.sessions.discard(session)
-        assert session.service is not None
-        self.stats[session.service.name].durations.observe(time.monotonic() - session.started)
-        self._count(session.service, -1, session.source)
-
-    def _count(self, svc: Service, delta: int, source: tuple[str, str] | None = None) -> None:
-        stats = self.stats.setdefault(svc.name, ServiceStats())
-        stats.active += delta
-        self.total_active += delta
-        if source is not None:
-            self.per_source[source] += delta
-            if self.per_source[source] <= 0:
-                del self.per_source[source]
-        if delta < 0 and self.full:
-            for listener in list(self.full):
-                if not self._at_limit(listener.service):
-                    self._set_state(listener, State.LISTENING)
-
 
 def _noop(signum: int, frame: object) -> None:
     """Signal handler: the wakeup fd carries the signal into the loop."""
-
-
-def _streak_delay(streak: int) -> float:
-    return min(0.1 * 2 ** min(streak, 10), 10.0)
-
-
-def _peer_host(peer: object) -> str:
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
-
-
-def _peer_text(peer: object) -> str:
-    if isinstance(peer, tuple):
-        host = str(peer[0])
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    return str(peer) if peer else "local client"

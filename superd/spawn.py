@@ -43,9 +43,10 @@ from superd.fields import DEFAULT_PATH, RLIMITS
 log = logging.getLogger(__name__)
 
 _TRAMPOLINE = """\
-import os, resource, sys
+import os, resource, signal, sys
 a = sys.argv
 i = a.index("--")
+env = dict(os.environ)
 try:
     for spec in a[1:i]:
         k, _, v = spec.partition("=")
@@ -54,12 +55,16 @@ try:
             resource.setrlimit(r, (s, h))
         elif k == "nice":
             os.setpriority(os.PRIO_PROCESS, 0, int(v))
+        elif k == "unset":
+            env.pop(v, None)
         elif k == "ids":
             u, g, gs = v.split(":")
             os.setgroups([int(x) for x in gs.split(",") if x])
             os.setgid(int(g))
             os.setuid(int(u))
-    os.execv(a[i + 1], a[i + 1:])
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    os.execve(a[i + 1], a[i + 1:], env)
 except OSError as e:
     sys.stderr.write("superd: cannot start %s: %s\\n" % (a[i + 1], e.strerror))
     os._exit(127)
@@ -191,6 +196,8 @@ def _trampoline_argv(service: Service) -> tuple[str, ...]:
     ident = service.identity
     if ident is not None and ident.switch:
         specs.append(f"ids={ident.uid}:{ident.gid}:{','.join(map(str, ident.groups))}")
+    if "LC_CTYPE" not in base_env(service):
+        specs.append("unset=LC_CTYPE")  # Python's locale coercion (PEP 538) adds it
     return (sys.executable, "-I", "-S", "-c", _TRAMPOLINE, *specs, "--", *service.exec)
 
 

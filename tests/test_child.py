@@ -331,7 +331,7 @@ exec grep -E '^Sig(Ign|Blk):' /proc/self/status
 
 
 def _signal_report(raw: bytes) -> dict[str, str]:
-    out = {k.rstrip(":"): v.strip() for k, v in keyed(raw).items()}
+    out = dict(re.findall(r"^(\w+):?\s+(\S+)\s*$", raw.decode(), re.M))
     assert {"pid", "sid", "SigIgn", "SigBlk"} <= set(out), raw.decode()
     return out
 
@@ -360,11 +360,13 @@ def test_default_signals_empty_mask_own_session(wrapped_superd, tmp_path: Path,
     assert out["SigBlk"] == "0000000000000000", f"blocked in the program: {out['SigBlk']}"
 
 
-def test_sigpipe_kills_the_program_by_default(superd, tmp_path: Path) -> None:
+@pytest.mark.parametrize("settings", ["", "nice: 1"], ids=["plain", "nice"])
+def test_sigpipe_kills_the_program_by_default(superd, tmp_path: Path, settings: str) -> None:
     # A writer whose reader has gone dies of SIGPIPE (status 128+13), as in a
     # login shell; with SIGPIPE ignored `yes` would exit 1 on EPIPE instead.
     prog = script(tmp_path, "pipe.sh", """\
-        { yes; echo "yes exit $?" >&3; } 3>&1 | head -n 1 >/dev/null
+        exec 3>&1
+        { yes; echo "yes exit $?" >&3; } | head -n 1 >/dev/null
         """)
     port = free_port()
     d = superd(f"""
@@ -372,6 +374,7 @@ def test_sigpipe_kills_the_program_by_default(superd, tmp_path: Path) -> None:
           piper:
             listen: 127.0.0.1:{port}
             exec: [{prog}]
+            {settings}
         """)
     assert talk(port)[1] == f"yes exit {128 + signal.SIGPIPE}\n".encode()
     assert d.proc is not None and d.proc.poll() is None
@@ -555,8 +558,9 @@ def test_rlimits_program_still_sees_connection_env(superd, tmp_path: Path) -> No
         """)
     (cip, cport), raw = talk(port, source="127.0.0.2")
     env = parse_env(raw)
-    assert set(env) == {"PATH", "SUPERD_SERVICE", "PROTO", *CONNECTION_VARS,
-                        *user_env(NOBODY)}
+    expected = {"PATH", "SUPERD_SERVICE", "PROTO", *CONNECTION_VARS, *user_env(NOBODY)}
+    assert {k: v for k, v in env.items() if k not in expected} == {}
+    assert expected <= set(env)
     assert env["TCPREMOTEPORT"] == str(cport) and env["TCPREMOTEIP"] == "127.0.0.2"
 
 
@@ -587,7 +591,7 @@ def test_exec_string_is_split_like_a_shell_never_run_by_one(superd, tmp_path: Pa
     prog = script(tmp_path, "args.sh", ARGS_SCRIPT)
     canary = tmp_path / "pwned"
     command = (f"{prog} 'a b' '$HOME' \"; touch {canary}\" '*' x\\ y "
-               f"\"\\$(touch {canary})\" >out |pipe")
+               f"'$(touch {canary})' >out |pipe")
     port = free_port()
     superd(f"""
         services:
@@ -600,6 +604,24 @@ def test_exec_string_is_split_like_a_shell_never_run_by_one(superd, tmp_path: Pa
         f"[$(touch {canary})]", "[>out]", "[|pipe]"]
     assert not canary.exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_exec_string_quoting_matches_sh(superd, tmp_path: Path) -> None:
+    # Only quoting, nothing a shell would expand: /bin/sh is the reference.
+    prog = script(tmp_path, "args.sh", ARGS_SCRIPT)
+    command = (f"{prog} 'a b' \"x\\\"y\" 'it'\\''s' \"back\\\\slash\" "
+               "\"\\$HOME\" \"\\`id\\`\" plain\\ space \"\" 'tab\there'")
+    reference = subprocess.run(["/bin/sh", "-c", command], capture_output=True,
+                               check=True, timeout=10).stdout
+    assert lines(reference)[:4] == ["[a b]", '[x"y]', "[it's]", "[back\\slash]"]
+    port = free_port()
+    superd(f"""
+        services:
+          quoting:
+            listen: 127.0.0.1:{port}
+            exec: {q(command)}
+        """)
+    assert lines(talk(port)[1]) == lines(reference)
 
 
 # --- 7. stderr --------------------------------------------------------------
@@ -625,8 +647,8 @@ def test_stderr_log_lines_are_tagged(superd, tmp_path: Path) -> None:
     reply = lines(talk(port)[1])
     assert reply[1:] == ["stdout line"]
     pid = reply[0].split()[1]
-    d.wait_log(rf"errlog\[{pid}\]: warning from {pid}$")
-    log = d.wait_log(rf"errlog\[{pid}\]: second line$")
+    d.wait_log(rf"(?m)errlog\[{pid}\]: warning from {pid}$")
+    log = d.wait_log(rf"(?m)errlog\[{pid}\]: second line$")
     assert "stdout line" not in log
 
 
@@ -643,7 +665,7 @@ def test_stderr_socket_reaches_the_client(superd, tmp_path: Path) -> None:
     reply = lines(talk(port)[1])
     pid = reply[0].split()[1]
     assert reply[1:] == [f"warning from {pid}", "second line", "stdout line"]
-    log = d.wait_log(rf"errsock\[{pid}\].*exit 3")
+    log = d.wait_log(rf"errsock\[{pid}\]\D.*\bexit 3\b")
     assert "warning from" not in log and "second line" not in log
 
 
@@ -661,7 +683,7 @@ def test_stderr_null_goes_nowhere(superd, tmp_path: Path, mode: str) -> None:
     reply = lines(talk(port)[1])
     pid = reply[0].split()[1]
     assert reply[1:] == ["stdout line"]
-    log = d.wait_log(rf"errnull\[{pid}\].*exit 3")
+    log = d.wait_log(rf"errnull\[{pid}\]\D.*\bexit 3\b")
     assert "warning from" not in log and "second line" not in log
 
 
@@ -672,9 +694,9 @@ def test_exit_status_and_signal_death_are_logged_and_serving_goes_on(
         superd, tmp_path: Path) -> None:
     fails = script(tmp_path, "fails.sh", 'echo "pid $$"\nexit 3\n')
     dies = script(tmp_path, "dies.sh", 'echo "pid $$"\nkill -TERM $$\necho "not reached"\n')
-    segv = script(tmp_path, "segv.sh", 'echo "pid $$"\nkill -SEGV $$\n')
+    usr1 = script(tmp_path, "usr1.sh", 'echo "pid $$"\nkill -USR1 $$\n')
     ok = script(tmp_path, "ok.sh", 'echo "fine $SUPERD_SERVICE"\n')
-    p_fail, p_die, p_segv, p_ok = (free_port() for _ in range(4))
+    p_fail, p_die, p_usr1, p_ok = (free_port() for _ in range(4))
     d = superd(f"""
         services:
           fails:
@@ -683,9 +705,9 @@ def test_exit_status_and_signal_death_are_logged_and_serving_goes_on(
           dies:
             listen: 127.0.0.1:{p_die}
             exec: [{dies}]
-          segv:
-            listen: 127.0.0.1:{p_segv}
-            exec: [{segv}]
+          usr1:
+            listen: 127.0.0.1:{p_usr1}
+            exec: [{usr1}]
           ok:
             listen: 127.0.0.1:{p_ok}
             exec: [{ok}]
@@ -693,14 +715,14 @@ def test_exit_status_and_signal_death_are_logged_and_serving_goes_on(
     for round_ in range(2):
         (_, cport), raw = talk(p_fail)
         pid = keyed(raw)["pid"]
-        d.wait_log(rf"fails\[{pid}\] for 127\.0\.0\.1:{cport}: exit 3\b")
+        d.wait_log(rf"fails\[{pid}\]\D.*127\.0\.0\.1:{cport}\b.*\bexit 3\b")
         (_, cport), raw = talk(p_die)
-        assert lines(raw) == [f"pid {keyed(raw)['pid']}"]
         pid = keyed(raw)["pid"]
-        d.wait_log(rf"dies\[{pid}\] for 127\.0\.0\.1:{cport}: signal SIGTERM\b")
-        (_, cport), raw = talk(p_segv)
+        assert lines(raw) == [f"pid {pid}"]
+        d.wait_log(rf"dies\[{pid}\]\D.*127\.0\.0\.1:{cport}\b.*\bSIGTERM\b")
+        (_, cport), raw = talk(p_usr1)
         pid = keyed(raw)["pid"]
-        d.wait_log(rf"segv\[{pid}\] for 127\.0\.0\.1:{cport}: signal SIGSEGV\b")
+        d.wait_log(rf"usr1\[{pid}\]\D.*127\.0\.0\.1:{cport}\b.*\bSIGUSR1\b")
         assert tcp_exchange(p_ok) == b"fine ok\n", round_
     assert d.proc is not None and d.proc.poll() is None
     assert wait_until(lambda: not d.children())
