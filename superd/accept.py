@@ -20,9 +20,11 @@ from superd import log as logmod
 from superd.children import Child
 from superd.config import Service
 from superd.internal import TcpSession
-from superd.limits import TokenBucket, access, client_ip, source_group
+from superd.limits import TokenBucket, access, client_ip, in_networks, source_group
 from superd.listeners import Listener, State, close_listener
 from superd.metrics import Durations
+from superd.pending import MAX_PENDING, Pending
+from superd.proxy import ProxyHeader
 from superd.spawn import connection_env
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ class ServiceStats:
     rejected: Counter[str] = field(default_factory=Counter)
     exits: Counter[str] = field(default_factory=Counter)
     durations: Durations = field(default_factory=Durations)
+    health_checks: int = 0
 
 
 
@@ -115,9 +118,55 @@ class Acceptor:
                 self._accept_failed(listener, e)
                 return
             conn = socket.socket(listener.sock.family, listener.sock.type, 0, fd)
+            if svc.proxy_protocol:
+                self._await_proxy(listener, conn, peer)
+                continue
             source = self._admit(svc, conn, peer, bucket)
             if source is not None:
                 self._serve(listener, conn, peer, source)
+
+    # --- PROXY protocol -------------------------------------------------
+
+    def _await_proxy(self: Daemon, listener: Listener, conn: socket.socket,
+                     peer: object) -> None:
+        svc = listener.service
+        if not in_networks(svc.proxy_from, client_ip(peer)):
+            self._refuse(svc, conn, peer, "proxy_from",
+                         "not in proxy_from (PROXY headers are taken only from the "
+                         "balancers listed there)", message=False)
+        elif len(self.pending) >= MAX_PENDING:
+            self._refuse(svc, conn, peer, "proxy_pending",
+                         f"{MAX_PENDING} connections already wait for a PROXY header",
+                         message=False)
+        else:
+            pending = Pending(conn, peer, svc.proxy_protocol or "any", svc.proxy_timeout,
+                              self.selector, self.timers, self._proxy_done,
+                              self._proxy_failed)
+            pending.context = listener
+            self.pending.add(pending)
+
+    def _proxy_done(self: Daemon, pending: Pending, header: ProxyHeader) -> None:
+        self.pending.discard(pending)
+        listener = pending.context
+        assert isinstance(listener, Listener)
+        svc, conn = listener.service, pending.conn
+        if listener.state == State.CLOSED or self.stopping:
+            conn.close()
+            return
+        if _health_check(header, pending.peer):
+            self.stats[svc.name].health_checks += 1
+            conn.close()
+            return
+        source = self._admit(svc, conn, header.source, self.buckets.get(svc.name))
+        if source is not None:
+            self._serve(listener, conn, header.source, source)
+
+    def _proxy_failed(self: Daemon, pending: Pending, why: str) -> None:
+        self.pending.discard(pending)
+        listener = pending.context
+        assert isinstance(listener, Listener)
+        self._refuse(listener.service, pending.conn, pending.peer, "proxy", why,
+                     message=False)
 
     def _hold(self: Daemon, listener: Listener, bucket: TokenBucket | None) -> bool:
         """on_limit: queue — stop accepting while at a limit; True if held."""
@@ -291,6 +340,17 @@ class Acceptor:
             for listener in list(self.full):
                 if not self._at_limit(listener.service):
                     self._set_state(listener, State.LISTENING)
+
+
+def _health_check(header: ProxyHeader, peer: object) -> bool:
+    """A balancer's own probe rather than a client: v2 LOCAL, v1 UNKNOWN, or
+    (HAProxy's v1 checks) a header whose source is the connection itself."""
+    if header.command != "PROXY" or not isinstance(header.source, tuple):
+        return True
+    if not isinstance(peer, tuple):
+        return False
+    return (client_ip(header.source) == client_ip(peer)
+            and header.source[1] == peer[1])
 
 
 def _streak_delay(streak: int) -> float:

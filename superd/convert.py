@@ -465,20 +465,23 @@ def _xi_top(path: str, n: int, line: str, doc: _Doc, seen: set[str],
     words = line.split()
     if words[0] in ("include", "includedir") and len(words) == 2:
         target = os.path.join(os.path.dirname(path), words[1])
+        try:
+            text = _read(target) if words[0] == "include" else ""
+            names = sorted(os.listdir(target)) if words[0] == "includedir" else []
+        except (ConvertError, OSError) as e:
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise ConvertError(f"{path}:{n}: {line}: {reason}") from e
         if words[0] == "include":
-            blocks.extend(_xi_parse(target, _read(target), doc, seen))
+            blocks.extend(_xi_parse(target, text, doc, seen))
         else:
-            blocks.extend(_xi_includedir(target, doc, seen))
+            blocks.extend(_xi_includedir(target, names, doc, seen))
         return None, True
     raise ConvertError(f"{path}:{n}: expected 'service NAME', 'defaults', 'include' or "
                        f"'includedir', got {line!r}")
 
 
-def _xi_includedir(directory: str, doc: _Doc, seen: set[str]) -> list[_Block]:
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError as e:
-        raise ConvertError(f"{directory}: cannot read the includedir: {e.strerror}") from e
+def _xi_includedir(directory: str, names: list[str], doc: _Doc,
+                   seen: set[str]) -> list[_Block]:
     skipped = [n for n in names if "." in n or n.endswith("~")]
     if skipped:
         doc.header.append(f"includedir {directory}: skipped {', '.join(skipped)} "

@@ -36,7 +36,7 @@ SERVICE_KEYS = (
     "nodelay", "mode", "owner", "enabled",
 )
 # Parsed and validated, but not acted on yet by this version.
-NOT_ENFORCED = frozenset({"proxy_protocol", "proxy_from", "proxy_timeout"})
+NOT_ENFORCED: frozenset[str] = frozenset()
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RLIMITS = {
     "nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,

@@ -34,6 +34,10 @@ def _contains(net: Network, ip: IPAddress) -> bool:
     return net.version == ip.version and ip in net
 
 
+def in_networks(nets: tuple[Network, ...], ip: IPAddress | None) -> bool:
+    return ip is not None and any(_contains(net, ip) for net in nets)
+
+
 def access(service: Service, ip: IPAddress | None) -> tuple[bool, str]:
     """(allowed, the rule that decided).  Deny wins; a non-empty allow rejects
     everyone it does not name.  UNIX-socket clients (no IP) are allowed."""

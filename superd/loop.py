@@ -42,6 +42,7 @@ from superd.listeners import (
 )
 from superd.metrics import MetricsServer
 from superd.notify import Handed, Notifier, handed_sockets
+from superd.pending import Pending
 from superd.spawn import Program
 from superd.timers import Timer, Timers
 
@@ -64,6 +65,7 @@ class Daemon(Acceptor, HandOver):
         self.listeners: dict[ListenerKey, Listener] = {}
         self.children = Children(self.selector, self.timers, self._child_exited)
         self.sessions: set[TcpSession] = set()
+        self.pending: set[Pending] = set()
         self.programs: dict[str, Program] = {}
         self.stats: dict[str, ServiceStats] = {}
         self.total_active = 0
@@ -149,7 +151,8 @@ class Daemon(Acceptor, HandOver):
     def _metrics_snapshot(self) -> dict[str, object]:
         services = {name: {"accepted": st.accepted, "active": st.active,
                            "spawn_failures": st.spawn_failures, "rejected": st.rejected,
-                           "exits": st.exits, "durations": st.durations}
+                           "exits": st.exits, "durations": st.durations,
+                           "health_checks": st.health_checks}
                     for name, st in self.stats.items()}
         return {"services": services, "listeners": len(self.listeners),
                 "reloads": self.reloads, "last_reload_ok": self.last_reload_ok}
@@ -255,6 +258,9 @@ class Daemon(Acceptor, HandOver):
         for listener in list(self.listeners.values()):
             self._close(listener)
         self.listeners.clear()
+        for pending in list(self.pending):
+            pending.cancel()
+        self.pending.clear()
         self._close_sessions()
         if self.children:
             self.timers.call_later(self.config.stop_timeout, self._stop_timeout)

@@ -74,18 +74,22 @@ class DaemonCollector(Collector):
                                    "Connections being served now", labels=labels)
         exits = CounterMetricFamily("superd_child_exits", "Programs that ended, by status",
                                     labels=["service", "status"])
+        checks = CounterMetricFamily("superd_health_checks",
+                                     "PROXY LOCAL connections (balancer health checks)",
+                                     labels=labels)
         hist = HistogramMetricFamily("superd_connection_duration_seconds",
                                      "How long programs ran", labels=labels)
         for name, s in snap["services"].items():
             accepted.add_metric([name], s["accepted"])
             failures.add_metric([name], s["spawn_failures"])
+            checks.add_metric([name], s["health_checks"])
             active.add_metric([name], s["active"])
             for reason, n in s["rejected"].items():
                 rejected.add_metric([name, reason], n)
             for status, n in s["exits"].items():
                 exits.add_metric([name, status], n)
             hist.add_metric([name], s["durations"].buckets(), s["durations"].total)
-        yield from (accepted, rejected, failures, active, exits, hist)
+        yield from (accepted, rejected, failures, checks, active, exits, hist)
         yield GaugeMetricFamily("superd_listeners", "Listening sockets open",
                                 value=snap["listeners"])
         reloads = CounterMetricFamily("superd_reloads", "Configuration reloads, by result",

@@ -58,6 +58,11 @@ class Pending:
             self.conn.setblocking(True)
             self.on_done(self, header)
 
+    def cancel(self) -> None:
+        """Close without a verdict (superd is stopping)."""
+        self._finish()
+        self.conn.close()
+
     def _timed_out(self) -> None:
         self.selector.unregister(self.conn)
         self.on_fail(self, "no complete PROXY header within proxy_timeout")

@@ -36,6 +36,7 @@ def report(daemon: Daemon) -> dict[str, Any]:
             "active": stats.active,
             "rejected": dict(stats.rejected),
             "spawn_failures": stats.spawn_failures,
+            "health_checks": stats.health_checks,
             "exits": dict(stats.exits),
             "connections": _connections(daemon, svc.name, now),
         })
