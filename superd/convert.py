@@ -63,8 +63,7 @@ _DROPPED = {
     "leaky_bucket": "superd's rate: is a plain token bucket; set it by hand",
     "rlimit_rss": "Linux ignores RLIMIT_RSS; superd has no such limit",
 }
-_XI_DEFAULT_KEYS = {"instances": "max_connections", "per_source": "per_source",
-                    "cps": "rate", "umask": "umask"}
+_XI_DEFAULT_KEYS = ("instances", "per_source", "cps", "umask")
 _UNLIMITED = object()
 _RLIMITS = {"rlimit_as": "as", "rlimit_cpu": "cpu", "rlimit_files": "nofile",
             "rlimit_data": "data", "rlimit_stack": "stack"}
@@ -86,7 +85,7 @@ class _Skip(Exception):
 
 
 @dataclass
-class Converted:
+class _Service:
     """One source entry on its way to a superd service."""
 
     name: str
@@ -109,7 +108,7 @@ class _Doc:
     header: list[str] = field(default_factory=list)
     defaults: dict[str, Any] = field(default_factory=dict)
     default_notes: list[str] = field(default_factory=list)
-    services: list[Converted] = field(default_factory=list)
+    services: list[_Service] = field(default_factory=list)
 
 
 def convert(paths: list[str]) -> str:
@@ -186,7 +185,7 @@ def _detect(path: str, text: str) -> str:
 # --- inetd.conf ----------------------------------------------------------
 
 
-def _inetd_file(path: str, text: str, out: list[Converted]) -> None:
+def _inetd_file(path: str, text: str, out: list[_Service]) -> None:
     default_hosts: list[str | None] = [None]
     for n, line, enabled in _meaningful(text):
         words = line.split()
@@ -202,9 +201,9 @@ def _split_hosts(text: str) -> list[str | None]:
 
 
 def _inetd_entry(words: list[str], origin: str, default_hosts: list[str | None],
-                 enabled: bool) -> Converted:
+                 enabled: bool) -> _Service:
     service, socktype, proto, waitf, userf, program = words[:6]
-    conv = Converted(name=service, origin=origin, title=" ".join(words))
+    conv = _Service(name=service, origin=origin, title=" ".join(words))
     if not enabled:
         conv.keys["enabled"] = False
         conv.note("disabled in the source (#<off>#, as update-inetd writes it)")
@@ -226,7 +225,7 @@ def _inetd_entry(words: list[str], origin: str, default_hosts: list[str | None],
 
 
 def _inetd_socket(service: str, socktype: str, proto: str,
-                  default_hosts: list[str | None], conv: Converted) -> None:
+                  default_hosts: list[str | None], conv: _Service) -> None:
     base, *options = proto.split(",")
     if options:
         conv.note(f"{','.join(options)}: superd does not set socket buffer sizes")
@@ -255,7 +254,7 @@ def _inetd_socket(service: str, socktype: str, proto: str,
         conv.binds = _inetd_binds(hosts, port, base[3:], conv)
 
 
-def _no_port(what: str, conv: Converted) -> None:
+def _no_port(what: str, conv: _Service) -> None:
     """Carry on converting, but leave the entry commented out."""
     conv.keys["listen"] = "PORT"
     conv.skipped = (f"{what} or a {conv.protocol} service in /etc/services on this "
@@ -272,7 +271,7 @@ def _port(name: str, protocol: str) -> int | None:
 
 
 def _inetd_binds(hosts: list[str | None], port: int, family: str,
-                 conv: Converted) -> list[tuple[str | None, int | str]]:
+                 conv: _Service) -> list[tuple[str | None, int | str]]:
     wildcard = {"4": "0.0.0.0", "6": "::"}.get(family)
     if family == "46":
         conv.note("tcp46/udp46: superd's dual-stack socket shows IPv4 clients as plain "
@@ -297,14 +296,14 @@ def _ip(text: str) -> str | None:
         return None
 
 
-def _host_name(host: str, conv: Converted) -> None:
+def _host_name(host: str, conv: _Service) -> None:
     conv.keys["enabled"] = False
     conv.note(f"listen address '{host}' is a host name and superd never resolves names: "
               "write its IP address and then enable the service (as converted it would "
               "listen on every address)")
 
 
-def _inetd_wait(text: str, origin: str, conv: Converted) -> tuple[bool, int]:
+def _inetd_wait(text: str, origin: str, conv: _Service) -> tuple[bool, int]:
     m = _WAIT.match(text)
     if m is None:
         raise ConvertError(f"{origin}: '{text}' is not wait or nowait[.max]")
@@ -318,13 +317,13 @@ def _inetd_wait(text: str, origin: str, conv: Converted) -> tuple[bool, int]:
     return m.group(1) == "wait", int(m.group(2) or 0)
 
 
-def _per_minute(count: int, conv: Converted) -> None:
+def _per_minute(count: int, conv: _Service) -> None:
     conv.keys["rate"] = max(0.001, round(count / 60, 3))
     conv.note(f"at most {count} starts a minute (inetd stopped the service for ten "
               f"minutes past that): rate: {count}/60 a second; superd queues instead")
 
 
-def _inetd_wait_mode(wait: bool, conv: Converted) -> None:
+def _inetd_wait_mode(wait: bool, conv: _Service) -> None:
     if conv.protocol == "tcp" and wait:
         conv.keys["wait"] = True
     elif conv.protocol == "udp" and not wait:
@@ -332,7 +331,7 @@ def _inetd_wait_mode(wait: bool, conv: Converted) -> None:
                   "program at a time (wait: true)")
 
 
-def _inetd_user(text: str, conv: Converted) -> None:
+def _inetd_user(text: str, conv: _Service) -> None:
     text, _, login_class = text.partition("/")
     if login_class:
         conv.note(f"login class '{login_class}': superd has no login classes")
@@ -341,7 +340,7 @@ def _inetd_user(text: str, conv: Converted) -> None:
     _set_user(user, group, conv)
 
 
-def _set_user(user: str, group: str, conv: Converted) -> None:
+def _set_user(user: str, group: str, conv: _Service) -> None:
     if user:
         conv.keys["user"] = user
         if not user.isdigit() and not _user_exists(user):
@@ -378,12 +377,12 @@ def _internal_name(service: str, protocol: str, argv: list[str]) -> str:
                 f"serves {', '.join(INTERNAL)})")
 
 
-def _inetd_exec(program: str, argv: list[str], conv: Converted) -> None:
+def _inetd_exec(program: str, argv: list[str], conv: _Service) -> None:
     argv0 = argv[0] if argv else os.path.basename(program)
     _set_exec(program, argv0, argv[1:], conv)
 
 
-def _set_exec(program: str, argv0: str, args: list[str], conv: Converted) -> None:
+def _set_exec(program: str, argv0: str, args: list[str], conv: _Service) -> None:
     if os.path.basename(program) == "tcpd":
         real = argv0 if argv0.startswith("/") else f"/usr/sbin/{argv0}"
         conv.note(f"tcpd (TCP wrappers) dropped, {real} started directly: superd does "
@@ -465,6 +464,8 @@ def _xi_top(path: str, n: int, line: str, doc: _Doc, seen: set[str],
     words = line.split()
     if words[0] in ("include", "includedir") and len(words) == 2:
         target = os.path.join(os.path.dirname(path), words[1])
+        if os.path.realpath(target) in seen:
+            raise ConvertError(f"{path}:{n}: {line}: already read (an include loop?)")
         try:
             text = _read(target) if words[0] == "include" else ""
             names = sorted(os.listdir(target)) if words[0] == "includedir" else []
@@ -530,7 +531,7 @@ def _xi_defaults(block: _Block, doc: _Doc) -> _XDefaults:
     for attr in block.attrs:
         op = "+=" if attr.name in _XI_LISTS and attr.op == "=" else attr.op
         dfl.values[attr.name] = _apply(dfl.values.get(attr.name), op, attr.values)
-    probe = Converted(name="defaults", origin="", title="")
+    probe = _Service(name="defaults", origin="", title="")
     for name, values in dfl.values.items():
         _xi_default_value(name, values, dfl, probe, doc)
     _unlimited(probe, None)
@@ -539,7 +540,7 @@ def _xi_defaults(block: _Block, doc: _Doc) -> _XDefaults:
     return dfl
 
 
-def _xi_default_value(name: str, values: list[str], dfl: _XDefaults, probe: Converted,
+def _xi_default_value(name: str, values: list[str], dfl: _XDefaults, probe: _Service,
                       doc: _Doc) -> None:
     where = f"{name} = {' '.join(values)}"
     if name in _XI_DEFAULT_KEYS:
@@ -566,7 +567,7 @@ def _xi_default_value(name: str, values: list[str], dfl: _XDefaults, probe: Conv
 
 
 def _xi_effective(block: _Block, dfl: _XDefaults,
-                  conv: Converted) -> tuple[dict[str, list[str]], set[str]]:
+                  conv: _Service) -> tuple[dict[str, list[str]], set[str]]:
     eff = {k: list(v) for k, v in dfl.values.items() if k in _XI_INHERIT}
     own: set[str] = set()
     for attr in block.attrs:
@@ -589,8 +590,8 @@ def _xi_effective(block: _Block, dfl: _XDefaults,
     return eff, own
 
 
-def _xi_service(block: _Block, dfl: _XDefaults, defaults: dict[str, Any]) -> Converted:
-    conv = Converted(name=block.name, origin=f"{block.file}:{block.line}",
+def _xi_service(block: _Block, dfl: _XDefaults, defaults: dict[str, Any]) -> _Service:
+    conv = _Service(name=block.name, origin=f"{block.file}:{block.line}",
                      title=f"service {block.name}")
     eff, own = _xi_effective(block, dfl, conv)
     if "id" in eff:
@@ -621,7 +622,7 @@ def _first(eff: dict[str, list[str]], name: str) -> str:
     return values[0]
 
 
-def _xi_enabled(eff: dict[str, list[str]], dfl: _XDefaults, conv: Converted) -> None:
+def _xi_enabled(eff: dict[str, list[str]], dfl: _XDefaults, conv: _Service) -> None:
     ident = _first(eff, "id") or conv.name
     reason = None
     if _first(eff, "disable").lower() == "yes":
@@ -648,7 +649,7 @@ def _xi_unsupported(eff: dict[str, list[str]], flags: set[str]) -> None:
 
 
 def _xi_program(name: str, eff: dict[str, list[str]], flags: set[str],
-                conv: Converted) -> None:
+                conv: _Service) -> None:
     types = set(eff.get("type", []))
     if "UNLISTED" in types and "port" in eff:
         conv.note("type = UNLISTED: superd takes the port from listen:")
@@ -673,7 +674,7 @@ def _xi_program(name: str, eff: dict[str, list[str]], flags: set[str],
         _set_exec(eff["server"][0], os.path.basename(eff["server"][0]), args, conv)
 
 
-def _xi_socket(eff: dict[str, list[str]], conv: Converted) -> None:
+def _xi_socket(eff: dict[str, list[str]], conv: _Service) -> None:
     kinds = {"stream": "tcp", "dgram": "udp"}
     socktype = _first(eff, "socket_type")
     protocol = _first(eff, "protocol") or kinds.get(socktype, "")
@@ -687,7 +688,7 @@ def _xi_socket(eff: dict[str, list[str]], conv: Converted) -> None:
     conv.tag = conv.tag or protocol
 
 
-def _xi_wait(eff: dict[str, list[str]], conv: Converted) -> None:
+def _xi_wait(eff: dict[str, list[str]], conv: _Service) -> None:
     wait = _first(eff, "wait").lower() == "yes"
     if conv.protocol == "tcp" and wait:
         conv.keys["wait"] = True
@@ -697,7 +698,7 @@ def _xi_wait(eff: dict[str, list[str]], conv: Converted) -> None:
 
 
 def _xi_listen(name: str, eff: dict[str, list[str]], flags: set[str],
-               conv: Converted) -> None:
+               conv: _Service) -> None:
     port = _port(_first(eff, "port") or name, conv.protocol)
     host: str | None = None
     if "bind" in eff:
@@ -714,7 +715,7 @@ def _xi_listen(name: str, eff: dict[str, list[str]], flags: set[str],
         conv.binds = [(host, port)]
 
 
-def _xi_flags(flags: set[str], conv: Converted) -> None:
+def _xi_flags(flags: set[str], conv: _Service) -> None:
     for flag in sorted(flags):
         if flag in ("KEEPALIVE", "NODELAY") and conv.protocol == "tcp":
             conv.keys[flag.lower()] = True
@@ -726,7 +727,7 @@ def _xi_flags(flags: set[str], conv: Converted) -> None:
             conv.note(f"flags {flag}: unknown to superd convert; not carried over")
 
 
-def _xi_access(eff: dict[str, list[str]], dfl: _XDefaults, conv: Converted) -> None:
+def _xi_access(eff: dict[str, list[str]], dfl: _XDefaults, conv: _Service) -> None:
     allow = deny = None
     if "only_from" in eff:
         quiet = eff["only_from"] == dfl.values.get("only_from")
@@ -747,7 +748,7 @@ def _xi_access(eff: dict[str, list[str]], dfl: _XDefaults, conv: Converted) -> N
                   "specific match win, superd's deny always wins")
 
 
-def _xi_value(name: str, values: list[str], conv: Converted) -> None:
+def _xi_value(name: str, values: list[str], conv: _Service) -> None:
     if name in _XI_SETTERS:
         _XI_SETTERS[name](values, conv)
     elif name in _DROPPED:
@@ -761,7 +762,7 @@ def _xi_value(name: str, values: list[str], conv: Converted) -> None:
 
 
 def _limit(key: str) -> Any:
-    def setter(values: list[str], conv: Converted) -> None:
+    def setter(values: list[str], conv: _Service) -> None:
         text = values[0] if values else ""
         if text.isdigit() and 0 < int(text) <= 1_000_000:
             conv.keys[key] = int(text)
@@ -772,7 +773,7 @@ def _limit(key: str) -> Any:
     return setter
 
 
-def _unlimited(conv: Converted, fallback: Any) -> None:
+def _unlimited(conv: _Service, fallback: Any) -> None:
     """superd always limits: UNLIMITED becomes its default, or no extra limit."""
     if conv.keys.get("max_connections") is _UNLIMITED:
         conv.keys["max_connections"] = 64
@@ -785,7 +786,7 @@ def _unlimited(conv: Converted, fallback: Any) -> None:
                   "no limit of its own")
 
 
-def _cps(values: list[str], conv: Converted) -> None:
+def _cps(values: list[str], conv: _Service) -> None:
     try:
         rate = float(values[0])
     except (IndexError, ValueError):
@@ -800,7 +801,7 @@ def _cps(values: list[str], conv: Converted) -> None:
               f"turned the service off for {off} s, superd pauses accepting instead")
 
 
-def _umask(values: list[str], conv: Converted) -> None:
+def _umask(values: list[str], conv: _Service) -> None:
     text = values[0] if values else ""
     if re.fullmatch(r"[0-7]{1,4}", text) and int(text, 8) <= 0o777:
         conv.keys["umask"] = f"{int(text, 8):03o}"
@@ -808,7 +809,7 @@ def _umask(values: list[str], conv: Converted) -> None:
         conv.note(f"umask = {text}: not an octal mask; not carried over")
 
 
-def _nice(values: list[str], conv: Converted) -> None:
+def _nice(values: list[str], conv: _Service) -> None:
     text = values[0] if values else ""
     if re.fullmatch(r"-?\d+", text) and -20 <= int(text) <= 19:
         conv.keys["nice"] = int(text)
@@ -816,7 +817,7 @@ def _nice(values: list[str], conv: Converted) -> None:
         conv.note(f"nice = {text}: not in -20..19; not carried over")
 
 
-def _env(values: list[str], conv: Converted) -> None:
+def _env(values: list[str], conv: _Service) -> None:
     env: dict[str, str] = {}
     for item in values:
         name, sep, value = item.partition("=")
@@ -828,7 +829,7 @@ def _env(values: list[str], conv: Converted) -> None:
         conv.keys["env"] = env
 
 
-def _xi_passenv(values: list[str], conv: Converted, force: bool = False) -> None:
+def _xi_passenv(values: list[str], conv: _Service, force: bool = False) -> None:
     names = [v for v in values if _ENV_NAME.match(v) and v not in _PRIVATE_ENV]
     for bad in (v for v in values if v not in names):
         conv.note(f"passenv {bad}: not passed on (not a name, or superd's own)")
@@ -839,7 +840,7 @@ def _xi_passenv(values: list[str], conv: Converted, force: bool = False) -> None
 def _rlimit(attr: str) -> Any:
     key = _RLIMITS[attr]
 
-    def setter(values: list[str], conv: Converted) -> None:
+    def setter(values: list[str], conv: _Service) -> None:
         text = values[0] if values else ""
         size = re.fullmatch(r"(\d+)([KM]?)", text.upper())
         if text.upper() == "UNLIMITED":
@@ -864,7 +865,7 @@ _XI_SETTERS: dict[str, Any] = {
 }
 
 
-def _networks(values: list[str], attr: str, conv: Converted,
+def _networks(values: list[str], attr: str, conv: _Service,
               quiet: bool = False) -> list[str]:
     nets: list[str] = []
     dropped: list[str] = []
@@ -919,7 +920,7 @@ def _shadowed(allow: list[str], deny: list[str]) -> bool:
 # --- naming, overlaps, output --------------------------------------------
 
 
-def _name_services(services: list[Converted]) -> None:
+def _name_services(services: list[_Service]) -> None:
     taken: set[str] = set()
     for conv in services:
         base = re.sub(r"[^A-Za-z0-9._-]", "-", conv.name).strip("-._") or "service"
@@ -935,23 +936,46 @@ def _name_services(services: list[Converted]) -> None:
         taken.add(name)
 
 
-def _resolve_overlaps(services: list[Converted]) -> None:
-    """Disable a service whose address another enabled one already takes."""
+def _resolve_overlaps(services: list[_Service]) -> None:
+    """Keep to superd's rule that no two listen addresses overlap.
+
+    A service's own redundant addresses are dropped; a service whose address
+    an earlier enabled one already takes is disabled.
+    """
     taken: dict[tuple[str, int | str], list[tuple[str | None, str]]] = {}
     for conv in services:
+        _own_overlaps(conv)
         if conv.skipped or conv.keys.get("enabled") is False:
             continue
+        clash = next((name for host, where in conv.binds
+                      for other, name in taken.get((conv.protocol, where), [])
+                      if isinstance(where, str) or _overlap(host, other)), None)
+        if clash is not None:
+            conv.keys["enabled"] = False
+            conv.note(f"listens where service '{clash}' does: disabled so that the file "
+                      "loads")
+            continue
         for host, where in conv.binds:
-            slot = (conv.protocol, where)
-            clash = next((name for h, name in taken.get(slot, [])
-                          if isinstance(where, str) or h is None or host is None
-                          or h == host), None)
-            if clash is not None and clash != conv.name:
-                conv.keys["enabled"] = False
-                conv.note(f"listens where service '{clash}' does: disabled so that the "
-                          "file loads")
-                break
-            taken.setdefault(slot, []).append((host, conv.name))
+            taken.setdefault((conv.protocol, where), []).append((host, conv.name))
+
+
+def _own_overlaps(conv: _Service) -> None:
+    kept: list[tuple[str | None, int | str]] = []
+    for host, where in conv.binds:
+        if any(w == where and (isinstance(w, str) or _overlap(h, host)) for h, w in kept):
+            conv.note(f"listen address {host or '*'} dropped: another address of this "
+                      "service already covers it")
+        else:
+            kept.append((host, where))
+    conv.binds = kept
+
+
+def _overlap(a: str | None, b: str | None) -> bool:
+    """superd's rule: a bare port overlaps all; 0.0.0.0 and :: their family."""
+    if a is None or b is None or a == b:
+        return True
+    va, vb = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    return va.version == vb.version and (va.is_unspecified or vb.is_unspecified)
 
 
 def _listen_value(binds: list[tuple[str | None, int | str]]) -> Any:
@@ -974,7 +998,7 @@ def _comment(text: str, indent: str) -> str:
     return f"{indent}# {' '.join(text.split())}"
 
 
-def _service_lines(conv: Converted) -> list[str]:
+def _service_lines(conv: _Service) -> list[str]:
     keys = dict(conv.keys)
     if conv.binds:
         keys["listen"] = _listen_value(conv.binds)

@@ -1,35 +1,26 @@
-"""Receiver side of the HAProxy PROXY protocol, versions 1 (text) and 2 (binary).
+"""Receiver side of the HAProxy PROXY protocol, v1 (text) and v2 (binary).
 
-Implemented from HAProxy's ``doc/proxy-protocol.txt`` ("The PROXY protocol,
-Versions 1 & 2"). A balancer in ``proxy_from`` prepends one header to the
-connection; :func:`read_header` peeks at it, consumes exactly its bytes and
-leaves the client's payload in the socket for the program superd starts.
+Implemented from HAProxy's ``doc/proxy-protocol.txt`` ("Versions 1 & 2").
+:func:`read_header` peeks at a balancer's header, consumes exactly its bytes
+and leaves the client's payload in the socket for the program superd starts.
 
-Length cap: a v2 header announces up to 65535 bytes after its 16-byte fixed
-part. We accept at most ``MAX_V2_LENGTH`` = 4096: the largest address block is
-216 bytes (AF_UNIX) and the TLVs balancers send (ALPN, SNI authority <= 255,
-unique ID <= 128, SSL version/CN/cipher, NETNS, cloud vendors' IDs) stay well
-under 1 KiB, so 4 KiB leaves ample room while bounding what one connection can
-make the daemon peek and hold before its program even starts.
+Length cap: ``MAX_V2_LENGTH`` = 4096 bytes after the 16-byte v2 fixed part
+(the format allows 65535). The largest address block is 216 bytes (AF_UNIX)
+and the TLVs balancers send (ALPN, SNI <= 255, unique ID <= 128, SSL details,
+NETNS, cloud vendors' IDs) stay under 1 KiB: 4 KiB is ample room while
+bounding what a connection can make the daemon peek before its program runs.
 
-Strictness (anything else raises :class:`ProxyError`):
-
-* v1 is one printable US-ASCII line of at most 107 bytes ending in CRLF, with
-  single spaces; TCP4/TCP6 addresses must be valid for the stated family (IPv4
-  without leading zeros, IPv6 without a ``%scope``); ports are 0..65535 in
-  decimal without sign or leading zeros. ``UNKNOWN`` ignores the rest of its
-  line and is reported as command ``LOCAL``: use the real endpoints.
-* v2 accepts only version 2, commands LOCAL and PROXY, and the seven
-  family/transport bytes the spec lists (0x00, 0x11, 0x12, 0x21, 0x22, 0x31,
-  0x32); datagram families are reported as ``UDP4``, ``UDP6``, ``UNIX_DGRAM``.
-  TLVs after the address block are walked (each must lie inside the header)
-  and skipped; CRC32C is not verified. For LOCAL and AF_UNSPEC the whole block
-  is discarded unread, as the spec says, and the family is reported as
-  ``UNKNOWN`` with no addresses.
-
-Addresses are returned as ``getpeername()`` would show them (``inet_ntop``):
-an IPv4-mapped IPv6 address stays IPv6, ``::ffff:a.b.c.d``. UNIX paths are decoded with
-:func:`os.fsdecode`; an abstract name keeps its leading NUL; unbound is ``""``.
+Strict (anything else is a ProxyError): v1 is one printable US-ASCII line of
+at most 107 bytes ending in CRLF, single spaces, addresses valid for the
+stated family (no IPv4 leading zeros, no IPv6 ``%scope``), ports 0..65535 in
+plain decimal; ``UNKNOWN`` ignores the rest of its line and is reported as
+command LOCAL. v2 takes version 2, LOCAL/PROXY and only the seven
+family/transport bytes the spec lists; datagram families are reported as
+UDP4, UDP6, UNIX_DGRAM. TLVs are walked (each must end inside the header)
+and skipped; CRC32C is not verified. LOCAL and AF_UNSPEC blocks are
+discarded unread: family UNKNOWN, no addresses. Addresses read as
+getpeername() shows them (IPv4-mapped stays ``::ffff:a.b.c.d``); UNIX paths
+via os.fsdecode, abstract names keep their leading NUL, unbound is ``""``.
 """
 
 from __future__ import annotations
@@ -106,7 +97,9 @@ def read_header(sock: socket.socket, accept: str = "any") -> ProxyHeader | None:
 
     Never blocks: None means more bytes are needed. Raises ProxyError for a bad
     header or when the peer closes before the header is complete; other socket
-    errors (ECONNRESET...) propagate as OSError.
+    errors (ECONNRESET...) propagate as OSError. A partial header stays queued,
+    so a level-triggered selector keeps reporting the socket readable: retry
+    from a short timer rather than on readiness until the header is complete.
     """
     header = _peek_parse(sock, accept)
     if header is None and _peer_closed(sock):
@@ -147,7 +140,7 @@ def _consume(sock: socket.socket, count: int) -> None:
         count -= len(chunk)
 
 
-# -- version 1 ---------------------------------------------------------------
+# version 1
 
 def _parse_v1(data: bytes) -> ProxyHeader | None:
     window = data[:V1_MAX_LENGTH]
@@ -220,7 +213,7 @@ def _v1_port(text: str) -> int:
     return port
 
 
-# -- version 2 ---------------------------------------------------------------
+# version 2
 
 def _parse_v2(data: bytes) -> ProxyHeader | None:
     signature = data[: len(V2_SIGNATURE)]
