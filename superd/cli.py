@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="ask the running daemon to re-read its file")
     reload.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
     reload.set_defaults(func=cmd_reload)
+    convert = sub.add_parser("convert", help="print superd YAML for inetd.conf or xinetd files")
+    convert.add_argument("files", nargs="+", metavar="FILE")
+    convert.set_defaults(func=cmd_convert)
     explain = sub.add_parser("explain", help="what would happen to a client at ADDRESS")
     explain.add_argument("service")
     explain.add_argument("address", help="ADDR, ADDR:PORT or [V6ADDR]:PORT")
@@ -174,6 +177,17 @@ def cmd_reload(args: argparse.Namespace) -> int:
     print("superd: the daemon refused the new configuration and keeps the running one",
           file=sys.stderr)
     return 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from superd.convert import ConvertError, convert
+
+    try:
+        print(convert(args.files), end="")
+    except ConvertError as e:
+        print(f"superd: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
