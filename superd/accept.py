@@ -204,12 +204,9 @@ class Acceptor:
                 why: str, message: bool = True) -> None:
         self.stats[svc.name].rejected[reason] += 1
         if message and svc.reject_message:
-            try:
-                conn.setblocking(False)
-                conn.send(svc.reject_message.encode())
-            except OSError:
-                pass
-        conn.close()
+            self.linger.close(conn, svc.reject_message.encode())
+        else:
+            conn.close()
         if self.throttle.first(f"{svc.name} {reason} {_peer_host(peer)}"):
             log.warning("%s: refused %s: %s", svc.name, logmod.client_text(_peer_text(peer)),
                         why)

@@ -28,8 +28,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READY_ENV = "SUPERD_READY_FD"
+FOREIGN_ENV = "SUPERD_FOREIGN_FDS"  # indexes of handed sockets that are systemd's
 _READ = selectors.EVENT_READ
-_SHELL = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+# sh sets LISTEN_PID (and WATCHDOG_PID, if systemd set one) to its own pid,
+# which exec keeps for the new superd
+_SHELL = ('LISTEN_PID=$$; export LISTEN_PID; '
+          'if [ -n "${WATCHDOG_PID-}" ]; then WATCHDOG_PID=$$; export WATCHDOG_PID; fi; '
+          'exec "$@"')
 
 
 @dataclass
@@ -39,21 +44,27 @@ class Successor:
     ready_fd: int
 
 
-def start_successor(sockets: list[tuple[socket.socket, str]], argv: list[str]) -> Successor:
-    """Start *argv* with *sockets* as fds 3.. (LISTEN_FDS); raise OSError."""
+def start_successor(sockets: list[tuple[socket.socket, str, bool]],
+                    argv: list[str]) -> Successor:
+    """Start *argv* with *sockets* as fds 3.. (LISTEN_FDS); raise OSError.
+
+    Each socket comes with its service name and whether it is superd's own
+    (False: systemd's, which the successor must never close either)."""
     count = len(sockets)
     floor = 3 + count + 1  # park the fds above the range they are moved into
-    parked = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, floor) for s, _ in sockets]
+    parked = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, floor) for s, _, _ in sockets]
     rfd, wfd = os.pipe()
     parked_w = fcntl.fcntl(wfd, fcntl.F_DUPFD_CLOEXEC, floor)
     os.close(wfd)
-    env = {k: v for k, v in os.environ.items() if k not in ("LISTEN_PID", READY_ENV)}
-    env.update(LISTEN_FDS=str(count), LISTEN_FDNAMES=":".join(n for _, n in sockets),
-               **{READY_ENV: str(3 + count)})
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LISTEN_PID", READY_ENV, FOREIGN_ENV)}
+    env.update(LISTEN_FDS=str(count), LISTEN_FDNAMES=":".join(n for _, n, _ in sockets),
+               **{READY_ENV: str(3 + count),
+                  FOREIGN_ENV: ",".join(str(i) for i, (_, _, own) in enumerate(sockets)
+                                        if not own)})
     actions = [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(parked)]
     actions.append((os.POSIX_SPAWN_DUP2, parked_w, 3 + count))
     try:
-        # sh sets LISTEN_PID to its own pid, which exec keeps for superd
         pid = os.posix_spawn("/bin/sh", ["sh", "-c", _SHELL, "superd", *argv], env,
                              file_actions=actions)
         pidfd = os.pidfd_open(pid)
@@ -65,11 +76,6 @@ def start_successor(sockets: list[tuple[socket.socket, str]], argv: list[str]) -
             os.close(fd)
     os.set_blocking(rfd, False)
     return Successor(pid, pidfd, rfd)
-
-
-def from_predecessor() -> bool:
-    """True in a process started by start_successor()."""
-    return bool(os.environ.get(READY_ENV)) and os.environ.get("LISTEN_PID") == str(os.getpid())
 
 
 def tell_predecessor() -> None:
@@ -93,13 +99,17 @@ class HandOver:
             log.warning("SIGUSR2 ignored: %s", "stopping" if self.stopping
                         else "a hand-over is already under way")
             return
-        socks = [(lst.sock, lst.service.name) for lst in self.listeners.values()]
+        socks = [(lst.sock, lst.service.name, not lst.adopted)
+                 for lst in self.listeners.values()]
         used = {id(lst.sock) for lst in self.listeners.values()}
-        socks += [(h.sock, h.name) for h, _ in self.handed.values() if id(h.sock) not in used]
+        socks += [(h.sock, h.name, h.own) for h, _ in self.handed.values()
+                  if id(h.sock) not in used]
+        self._close_endpoints()  # the successor binds the control socket and metrics
         try:
             succ = start_successor(socks, self.reexec_argv)
         except OSError as e:
             log.error("SIGUSR2: cannot start a new superd: %s; still serving", e.strerror)
+            self._endpoints(self.config)
             return
         self.successor = succ
         log.info("SIGUSR2: started superd %d with %d socket(s); serving until it is ready",
@@ -108,20 +118,21 @@ class HandOver:
         self.selector.register(succ.pidfd, _READ, lambda ev: self._successor_exited())
 
     def _successor_said(self: Daemon) -> None:
-        assert self.successor is not None
+        succ = self.successor
+        if succ is None or succ.ready_fd < 0:
+            return
         try:
-            data = os.read(self.successor.ready_fd, 16)
+            data = os.read(succ.ready_fd, 16)
         except BlockingIOError:
             return
-        self.selector.unregister(self.successor.ready_fd)
-        os.close(self.successor.ready_fd)
+        self.selector.unregister(succ.ready_fd)
+        os.close(succ.ready_fd)
+        succ.ready_fd = -1
         if data != b"ready":
-            log.error("the new superd %d failed before it was ready; still serving",
-                      self.successor.pid)
-            return
+            return  # it failed; _successor_exited says so when it is reaped
         log.info("superd %d serves now; closing listeners and waiting for %d program(s)",
-                 self.successor.pid, len(self.children))
-        self.notifier.send(f"MAINPID={self.successor.pid}")
+                 succ.pid, len(self.children))
+        self.notifier.send(f"MAINPID={succ.pid}")
         self.stopping = True
         for listener in list(self.listeners.values()):
             self._set_state(listener, State.CLOSED)
@@ -134,17 +145,19 @@ class HandOver:
             self.timers.call_later(self.config.stop_timeout, self._close_sessions)
 
     def _successor_exited(self: Daemon) -> None:
-        assert self.successor is not None
         succ, self.successor = self.successor, None
+        if succ is None:
+            return
         self.selector.unregister(succ.pidfd)
         os.close(succ.pidfd)
         _, status = os.waitpid(succ.pid, os.WNOHANG)
-        if not self.stopping:
-            log.error("the new superd %d exited (status %d) before it was ready; "
-                      "still serving", succ.pid, os.waitstatus_to_exitcode(status))
-            try:
-                self.selector.unregister(succ.ready_fd)
-                os.close(succ.ready_fd)
-            except (KeyError, ValueError, OSError):
-                pass
-
+        code = os.waitstatus_to_exitcode(status)
+        if succ.ready_fd >= 0:
+            self.selector.unregister(succ.ready_fd)
+            os.close(succ.ready_fd)
+        if self.stopping:
+            log.error("the new superd %d exited (status %d) after taking over", succ.pid, code)
+            return
+        log.error("the new superd %d exited (status %d) before it was ready; still serving",
+                  succ.pid, code)
+        self._endpoints(self.config)

@@ -30,6 +30,7 @@ from superd.errors import ConfigError
 from superd.handoff import HandOver, Successor
 from superd.internal import LOOP_PORTS, TcpSession, UdpService
 from superd.limits import Throttle, TokenBucket, access, client_ip
+from superd.linger import Linger
 from superd.listeners import (
     Listener,
     ListenerKey,
@@ -66,6 +67,7 @@ class Daemon(Acceptor, HandOver):
         self.children = Children(self.selector, self.timers, self._child_exited)
         self.sessions: set[TcpSession] = set()
         self.pending: set[Pending] = set()
+        self.linger = Linger(self.selector, self.timers)
         self.programs: dict[str, Program] = {}
         self.stats: dict[str, ServiceStats] = {}
         self.total_active = 0
@@ -79,7 +81,6 @@ class Daemon(Acceptor, HandOver):
         self.notifier = Notifier()
         self.handed: dict[ListenerKey, tuple[Handed, ListenAddr]] = {}
         self.successor: Successor | None = None
-        self.handed_by_predecessor = False
         self.pid = os.getpid()
         self.started = time.monotonic()
         self.reloads: Counter[str] = Counter()
@@ -104,12 +105,17 @@ class Daemon(Acceptor, HandOver):
             for key, events in self.selector.select(self.timers.timeout()):
                 self._dispatch(key.data, events)
             self.timers.run_due()
-        if self.control is not None:
-            self.control.close()
-        if self.metrics is not None:
-            self.metrics.close()
+        self._close_endpoints()
         log.info("superd stopped")
         return 0
+
+    def _close_endpoints(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def _endpoints(self, cfg: Config) -> None:
         """(Re)open the control socket and the metrics listener if they moved."""
@@ -171,7 +177,6 @@ class Daemon(Acceptor, HandOver):
         self.timers.call_later(interval, self._tick_watchdog)
 
     def _take_handed(self, handed: list[Handed]) -> None:
-        self.handed_by_predecessor = bool(handed) and handoff.from_predecessor()
         for h in handed:
             protocol, addr = socket_address(h.sock)
             self.handed[key_for(addr, protocol)] = (h, addr)
@@ -261,6 +266,7 @@ class Daemon(Acceptor, HandOver):
         for pending in list(self.pending):
             pending.cancel()
         self.pending.clear()
+        self.linger.close_all()
         self._close_sessions()
         if self.children:
             self.timers.call_later(self.config.stop_timeout, self._stop_timeout)
@@ -318,7 +324,7 @@ class Daemon(Acceptor, HandOver):
             try:
                 if listener is None and key in self.handed:
                     listener = adopt_listener(self.handed[key][0].sock, addr, svc,
-                                              own=self.handed_by_predecessor)
+                                              own=self.handed[key][0].own)
                     self.listeners[key] = listener
                 elif listener is None:
                     listener = open_listener(addr, svc)

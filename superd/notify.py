@@ -82,6 +82,7 @@ class Handed:
 
     sock: socket.socket
     name: str
+    own: bool = False  # True: superd's own, handed over by its predecessor (SIGUSR2)
 
 
 def handed_sockets(environ: Mapping[str, str] | None = None) -> list[Handed]:
@@ -98,6 +99,8 @@ def handed_sockets(environ: Mapping[str, str] | None = None) -> list[Handed]:
     except ValueError:
         return []
     names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    from_predecessor = bool(env.get("SUPERD_READY_FD"))
+    foreign = set(env.get("SUPERD_FOREIGN_FDS", "").split(","))
     result = []
     for i in range(count):
         fd = SD_LISTEN_FDS_START + i
@@ -109,5 +112,6 @@ def handed_sockets(environ: Mapping[str, str] | None = None) -> list[Handed]:
             continue
         sock.setblocking(False)
         name = names[i] if i < len(names) else ""
-        result.append(Handed(sock, "" if name in ("unknown", "stored") else name))
+        own = from_predecessor and str(i) not in foreign
+        result.append(Handed(sock, "" if name in ("unknown", "stored") else name, own))
     return result

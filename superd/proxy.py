@@ -188,19 +188,16 @@ def _decode_v1(line: str, length: int) -> ProxyHeader:
 
 
 def _v1_address(text: str, protocol: str) -> str:
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]
+    kind = ipaddress.IPv4Address if protocol == "TCP4" else ipaddress.IPv6Address
     try:
-        if protocol == "TCP4":
-            address = ipaddress.IPv4Address(text)
-        elif "%" not in text:
-            address = ipaddress.IPv6Address(text)
-        else:
-            raise ValueError("scoped address")
+        packed = kind(text).packed
     except ValueError as exc:
         raise ProxyError(f"bad {protocol} address {text!r} in v1 header") from exc
-    if protocol == "TCP4" and str(address) != text:
-        raise ProxyError(f"non-canonical IPv4 address {text!r} in v1 header")
-    return _address_text(address.packed)
+    canonical = _address_text(packed)
+    if "%" in text or (protocol == "TCP4" and canonical != text):
+        raise ProxyError(f"bad {protocol} address {text!r} in v1 header (scope, leading zero)")
+    return canonical
 
 
 def _v1_port(text: str) -> int:
