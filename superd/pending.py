@@ -38,6 +38,10 @@ class Pending:
         self.on_done = on_done
         self.on_fail = on_fail
         self.context: object = None  # the loop's (listener, ...) for on_done
+        self.timers = timers
+        self.delay = 0.01
+        self.watching = True
+        self.retry: Timer | None = None
         conn.setblocking(False)
         self.timer: Timer = timers.call_later(timeout, self._timed_out)
         selector.register(conn, selectors.EVENT_READ, self)
@@ -57,6 +61,18 @@ class Pending:
             self._finish()
             self.conn.setblocking(True)
             self.on_done(self, header)
+        else:
+            # Part of a header stays queued and keeps the socket readable: look
+            # again after a growing pause instead of spinning on readiness.
+            self.selector.unregister(self.conn)
+            self.watching = False
+            self.retry = self.timers.call_later(self.delay, self._rewatch)
+            self.delay = min(self.delay * 2, 0.5)
+
+    def _rewatch(self) -> None:
+        self.retry = None
+        self.selector.register(self.conn, selectors.EVENT_READ, self)
+        self.watching = True
 
     def cancel(self) -> None:
         """Close without a verdict (superd is stopping)."""
@@ -64,9 +80,14 @@ class Pending:
         self.conn.close()
 
     def _timed_out(self) -> None:
-        self.selector.unregister(self.conn)
+        self._finish()
         self.on_fail(self, "no complete PROXY header within proxy_timeout")
 
     def _finish(self) -> None:
         self.timer.cancel()
-        self.selector.unregister(self.conn)
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        if self.watching:
+            self.selector.unregister(self.conn)
+            self.watching = False
