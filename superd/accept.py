@@ -207,9 +207,13 @@ class Acceptor:
             self.linger.close(conn, svc.reject_message.encode())
         else:
             conn.close()
-        if self.throttle.first(f"{svc.name} {reason} {_peer_host(peer)}"):
-            log.warning("%s: refused %s: %s", svc.name, logmod.client_text(_peer_text(peer)),
-                        why)
+        self._throttled(f"{svc.name} {reason}", logging.WARNING, "%s: refused %s: %s",
+                        svc.name, logmod.client_text(_peer_text(peer)), why)
+
+    def _throttled(self: Daemon, key: str, level: int, msg: str, *args: object) -> None:
+        """Log, unless *key* has had its share this window (then summarise)."""
+        if self.throttle.first(key):
+            log.log(level, msg, *args)
         elif self.summary_timer is None:
             self.summary_timer = self.timers.call_later(self.throttle.window,
                                                         self._log_summary)
@@ -218,8 +222,9 @@ class Acceptor:
         self.summary_timer = None
         count = self.throttle.summary_due()
         if count:
-            log.warning("refused %d more connection(s) in the last %.0fs "
-                        "(not logged one by one)", count, self.throttle.window)
+            log.warning("refused %d more connection(s) in the last %.0fs (refusals and "
+                        "start failures are summarised, not logged one by one)",
+                        count, self.throttle.window)
 
     def _accept_failed(self: Daemon, listener: Listener, e: OSError) -> None:
         if e.errno in RESOURCE_ERRNOS:
@@ -260,6 +265,8 @@ class Acceptor:
         if child is not None:
             child.source = source
             self._count(svc, +1, source)
+        elif self.last_spawn_errno in RESOURCE_ERRNOS and listener.state == State.LISTENING:
+            self._backoff(listener, BACKOFF_SECONDS)  # out of descriptors: let some go
 
     def _start_wait(self: Daemon, listener: Listener) -> None:
         svc = listener.service
@@ -283,8 +290,10 @@ class Acceptor:
             return self.children.start(self.programs[svc.name], stdio, env, peer, listener)
         except OSError as e:
             self.stats[svc.name].spawn_failures += 1
-            log.error("%s: cannot start %s for %s: %s", svc.name, svc.exec[0],
-                      logmod.client_text(peer), e.strerror or e)
+            self.last_spawn_errno = e.errno
+            self._throttled(f"{svc.name} spawn {e.errno}", logging.ERROR,
+                            "%s: cannot start %s for %s: %s", svc.name, svc.exec[0],
+                            logmod.client_text(peer), e.strerror or e)
             return None
 
     def _child_exited(self: Daemon, child: Child) -> None:

@@ -168,7 +168,12 @@ class Reader:
         nets = []
         for text in texts:
             try:
-                nets.append(ipaddress.ip_network(text, strict=False))
+                net = ipaddress.ip_network(text, strict=False)
+                mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+                if mapped is not None and net.prefixlen >= 96:
+                    # clients on dual-stack sockets are matched as IPv4: so are rules
+                    net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+                nets.append(net)
             except ValueError:
                 self.error(node, f"{key}: '{text}' is not an address or CIDR")
         return tuple(nets)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from superd.config import Network, Service
 
@@ -81,15 +81,15 @@ class TokenBucket:
 
     def take(self) -> bool:
         self._refill()
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= 1.0 - 1e-9:
+            self.tokens = max(0.0, self.tokens - 1.0)
             return True
         return False
 
     def ready(self) -> bool:
         """True when a token is available (without taking it)."""
         self._refill()
-        return self.tokens >= 1.0
+        return self.tokens >= 1.0 - 1e-9
 
     def wait(self) -> float:
         """Seconds until a token is available."""
@@ -99,26 +99,30 @@ class TokenBucket:
 
 @dataclass
 class Throttle:
-    """Log the first event of each key, then at most one summary per window."""
+    """At most ``burst`` full log lines per key and window; the rest are
+    counted and reported as one summary per window.  Keys name a service and
+    a reason, not a client, so a flood spread over many addresses is bounded
+    too."""
 
     window: float = 10.0
     clock: Callable[[], float] = time.monotonic
-    _seen: dict[str, float] | None = None
+    burst: int = 5
     suppressed: int = 0
+    _windows: dict[str, tuple[float, int]] = field(default_factory=dict)
     _window_start: float = 0.0
 
     def first(self, key: str) -> bool:
-        """True when an event for *key* should be logged in full."""
-        if self._seen is None:
-            self._seen = {}
+        """True when this event should be logged in full."""
         now = self.clock()
-        last = self._seen.get(key)
-        if last is not None and now - last < self.window:
+        start, count = self._windows.get(key, (now, 0))
+        if now - start >= self.window:
+            start, count = now, 0
+        if count >= self.burst:
             self.suppressed += 1
             return False
-        if len(self._seen) > 10_000:  # bound memory under a spoofed-source flood
-            self._seen.clear()
-        self._seen[key] = now
+        if len(self._windows) > 10_000:
+            self._windows.clear()
+        self._windows[key] = (start, count + 1)
         return True
 
     def summary_due(self) -> int:
