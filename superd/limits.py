@@ -81,20 +81,24 @@ class TokenBucket:
 
     def take(self) -> bool:
         self._refill()
-        if self.tokens >= 1.0 - 1e-9:
-            self.tokens = max(0.0, self.tokens - 1.0)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
             return True
         return False
 
     def ready(self) -> bool:
         """True when a token is available (without taking it)."""
         self._refill()
-        return self.tokens >= 1.0 - 1e-9
+        return self.tokens >= 1.0
 
     def wait(self) -> float:
         """Seconds until a token is available."""
         self._refill()
-        return max(0.0, (1.0 - self.tokens) / self.rate)
+        if self.tokens >= 1.0:
+            return 0.0
+        # a hair more than the exact quotient, so that floating-point rounding
+        # never leaves the bucket just short of a token when the timer fires
+        return (1.0 - self.tokens) / self.rate + 5e-10
 
 
 @dataclass
