@@ -58,7 +58,12 @@ class Superd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self, text: str) -> None:
-        self.config_path.write_text(textwrap.dedent(text))
+        text = textwrap.dedent(text)
+        if not re.search(r"^control:", text, re.MULTILINE):
+            # a private control socket: concurrent test daemons must not share
+            # the default /run/superd/control.sock
+            text = f"control: {self.workdir}/control.sock\n" + text
+        self.config_path.write_text(text)
         os.chmod(self.config_path, 0o644)
 
     def start(self, *extra: str, env: dict[str, str] | None = None,
