@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="superd", description="An inetd-style superserver.")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                     help=f"configuration file (default {DEFAULT_CONFIG})")
     run.add_argument("--daemon", action="store_true",
                      help="detach (double fork) instead of running in the foreground")
     run.add_argument("--pidfile", metavar="F",
@@ -48,22 +49,27 @@ def _parser() -> argparse.ArgumentParser:
                           "default /run/superd.pid as root)")
     run.set_defaults(func=cmd_run)
     check = sub.add_parser("check", help="validate the configuration and show it")
-    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                     help=f"configuration file (default {DEFAULT_CONFIG})")
     check.set_defaults(func=cmd_check)
     status = sub.add_parser("status", help="ask the running daemon what it is doing")
-    status.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    status.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                     help=f"configuration file (default {DEFAULT_CONFIG})")
     status.add_argument("--json", action="store_true", help="print the raw JSON report")
     status.set_defaults(func=cmd_status)
     reload = sub.add_parser("reload", help="ask the running daemon to re-read its file")
-    reload.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    reload.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                     help=f"configuration file (default {DEFAULT_CONFIG})")
     reload.set_defaults(func=cmd_reload)
     convert = sub.add_parser("convert", help="print superd YAML for inetd.conf or xinetd files")
-    convert.add_argument("files", nargs="+", metavar="FILE")
+    convert.add_argument("files", nargs="+", metavar="FILE",
+                         help="inetd.conf or xinetd files (xinetd.conf follows includedir)")
     convert.set_defaults(func=cmd_convert)
     explain = sub.add_parser("explain", help="what would happen to a client at ADDRESS")
-    explain.add_argument("service")
-    explain.add_argument("address", help="ADDR, ADDR:PORT or [V6ADDR]:PORT")
-    explain.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE")
+    explain.add_argument("service", metavar="SERVICE", help="a service name in FILE")
+    explain.add_argument("address", metavar="ADDRESS", help="ADDR, ADDR:PORT or [V6ADDR]:PORT")
+    explain.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                     help=f"configuration file (default {DEFAULT_CONFIG})")
     explain.set_defaults(func=cmd_explain)
     return parser
 
