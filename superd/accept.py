@@ -12,8 +12,6 @@ import logging
 import selectors
 import socket
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from superd import log as logmod
@@ -22,10 +20,10 @@ from superd.config import Service
 from superd.internal import TcpSession
 from superd.limits import TokenBucket, access, client_ip, in_networks, source_group
 from superd.listeners import Listener, State, close_listener
-from superd.metrics import Durations
 from superd.pending import MAX_PENDING, Pending
 from superd.proxy import ProxyHeader
 from superd.spawn import connection_env
+from superd.stats import ServiceStats
 
 if TYPE_CHECKING:
     from superd.loop import Daemon
@@ -37,18 +35,6 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 BACKOFF_SECONDS = 0.5
 QUICK_EXIT = 1.0  # a wait-mode program that fails sooner than this backs off
 _READ = selectors.EVENT_READ
-
-
-@dataclass
-class ServiceStats:
-    accepted: int = 0
-    active: int = 0
-    spawn_failures: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    exits: Counter[str] = field(default_factory=Counter)
-    durations: Durations = field(default_factory=Durations)
-    health_checks: int = 0
-
 
 
 class Acceptor:

@@ -18,11 +18,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from superd import config as configmod
 from superd import handoff, status
 from superd import log as logmod
-from superd.accept import Acceptor, ServiceStats
+from superd.accept import Acceptor
 from superd.children import Children
 from superd.config import Config, ListenAddr, Service
 from superd.control import ControlServer
@@ -41,11 +42,14 @@ from superd.listeners import (
     open_listener,
     socket_address,
 )
-from superd.metrics import MetricsServer
 from superd.notify import Handed, Notifier, handed_sockets
 from superd.pending import Pending
 from superd.spawn import Program
+from superd.stats import ServiceStats
 from superd.timers import Timer, Timers
+
+if TYPE_CHECKING:
+    from superd.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,7 @@ class Daemon(Acceptor, HandOver):
                 self.metrics.close()
                 self.metrics = None
             if cfg.metrics is not None:
+                from superd.metrics import MetricsServer  # only when asked for
                 try:
                     self.metrics = MetricsServer(cfg.metrics, self.selector, self.timers,
                                                  self._metrics_snapshot)

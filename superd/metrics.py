@@ -9,12 +9,10 @@ path is 404), one request per connection, with a deadline.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import selectors
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -30,28 +28,10 @@ from superd.timers import Timer, Timers
 
 log = logging.getLogger(__name__)
 
-BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
-@dataclass
-class Durations:
-    """A cumulative histogram of connection durations (seconds)."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
-    total: float = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.total += seconds
-
-    def buckets(self) -> list[tuple[str, int]]:
-        result, running = [], 0
-        for bound, count in zip((*BUCKETS, float("inf")), self.counts, strict=True):
-            running += count
-            result.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return result
 
 
 class DaemonCollector(Collector):
