@@ -171,7 +171,7 @@ class Acceptor:
         ip = client_ip(peer)
         allowed, rule = access(svc, ip)
         if not allowed:
-            self._refuse(svc, conn, peer, "denied", rule, message=False)
+            self._refuse(svc, conn, peer, "denied", logmod.rule_text(rule), message=False)
             return None
         if self._at_limit(svc):
             self._refuse(svc, conn, peer, "limit", "max_connections reached")

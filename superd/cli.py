@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import yaml
@@ -136,11 +137,17 @@ def _control_path(path: str) -> str:
         pass
     try:
         with open(path, "rb") as f:
-            data = yaml.safe_load(f)
+            raw = f.read(4 << 20)
+    except OSError:
+        return configmod.default_control_path()
+    try:
+        data = yaml.safe_load(raw)
         if isinstance(data, dict) and isinstance(data.get("control"), str):
             return str(data["control"])
-    except (OSError, yaml.YAMLError):
-        pass
+    except yaml.YAMLError:  # broken YAML: find the line itself
+        found = re.search(rb"^control:\s*[\"']?([^\s\"'#]+)", raw, re.MULTILINE)
+        if found:
+            return found.group(1).decode(errors="replace")
     return configmod.default_control_path()
 
 

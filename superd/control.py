@@ -41,11 +41,14 @@ class ControlServer:
         self.selector = selector
         self.timers = timers
         self.handler = handler
+        self.sessions: set[_Session] = set()  # open requests: the loop waits for them
         self.sock = _bind(path)
         self.inode = os.lstat(path).st_ino
         selector.register(self.sock, _R, self._on_accept)
 
     def close(self) -> None:
+        for session in list(self.sessions):
+            session.close()
         self.selector.unregister(self.sock)
         self.sock.close()
         with contextlib.suppress(OSError):
@@ -71,14 +74,10 @@ class _Session:
         self.inbuf = bytearray()
         self.outbuf = b""
         conn.setblocking(False)
-        uid = peer_uid(conn)
-        if uid not in (0, os.geteuid()):
-            log.warning("control socket: refused uid %d (only root and uid %d are served)",
-                        uid, os.geteuid())
-            self._reply({"ok": False, "error": "permission denied"})
+        self.uid = peer_uid(conn)
         self.timer: Timer = server.timers.call_later(DEADLINE, self.close)
-        events = _W if self.outbuf else _R
-        server.selector.register(conn, events, self)
+        server.sessions.add(self)
+        server.selector.register(conn, _R, self)
 
     def __call__(self, events: int) -> None:
         if events & _R and not self.outbuf:
@@ -97,13 +96,19 @@ class _Session:
         self.inbuf += data
         if data and b"\n" not in data and len(self.inbuf) < MAX_REQUEST:
             return
-        try:
-            request = json.loads(self.inbuf.split(b"\n", 1)[0] or b"{}")
-            if not isinstance(request, dict):
-                raise ValueError("not an object")
-            reply = self.server.handler(request)
-        except ValueError as e:
-            reply = {"ok": False, "error": f"bad request: {e}"}
+        if self.uid not in (0, os.geteuid()):
+            # the request is read first, so that closing sends no reset
+            log.warning("control socket: refused uid %d (only root and uid %d are served)",
+                        self.uid, os.geteuid())
+            reply: dict[str, Any] = {"ok": False, "error": "permission denied"}
+        else:
+            try:
+                request = json.loads(self.inbuf.split(b"\n", 1)[0] or b"{}")
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+                reply = self.server.handler(request)
+            except ValueError as e:
+                reply = {"ok": False, "error": f"bad request: {e}"}
         self._reply(reply)
         self.server.selector.modify(self.conn, _W, self)
 
@@ -125,6 +130,7 @@ class _Session:
         if self.conn.fileno() < 0:
             return
         self.timer.cancel()
+        self.server.sessions.discard(self)
         self.server.selector.unregister(self.conn)
         self.conn.close()
 

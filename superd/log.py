@@ -121,6 +121,12 @@ def client_text(peer: str) -> str:
     return f"client-{digest}"
 
 
+def rule_text(rule: str) -> str:
+    """An allow/deny rule as logs show it: hidden unless client addresses are
+    logged in full (a /32 rule would name the client)."""
+    return rule if _policy["client_address"] == "full" else "an access rule"
+
+
 def reopen() -> None:
     """SIGUSR1: reopen log files (after logrotate moved them)."""
     for handler in log.handlers:

@@ -106,7 +106,8 @@ class Daemon(Acceptor, HandOver):
         self.notifier.ready(self.status_line())
         handoff.tell_predecessor()
         self._tick_watchdog()
-        while not (self.stopping and not self.children and not self.sessions):
+        while not (self.stopping and not self.children and not self.sessions
+                   and not (self.control is not None and self.control.sessions)):
             for key, events in self.selector.select(self.timers.timeout()):
                 self._dispatch(key.data, events)
             self.timers.run_due()
