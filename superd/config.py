@@ -137,6 +137,7 @@ class Config:
 def load(path: str) -> Config:
     """Read and validate the configuration at *path*."""
     path = os.path.abspath(path)
+    fields.LOAD_GENERATION[0] += 1
     problems: list[ConfigProblem] = []
     root = load_nodes(path)
     problems.extend(_check_owner(path))

@@ -8,6 +8,7 @@ problem at the node's position and returns None.  ``service()`` builds one
 from __future__ import annotations
 
 import difflib
+import functools
 import grp
 import ipaddress
 import os
@@ -364,6 +365,20 @@ def _resolve_program(argv: tuple[str, ...], item: Item,
     return (program, *argv[1:])
 
 
+@functools.lru_cache(maxsize=256)
+def _grouplist_cached(user: str, gid: int, generation: int) -> tuple[int, ...]:
+    return tuple(os.getgrouplist(user, gid))
+
+
+def _grouplist(user: str, gid: int) -> tuple[int, ...]:
+    """The user's groups; looked up once per user for a whole load (500
+    services as nobody cost one NSS lookup, not 500), fresh on the next."""
+    return _grouplist_cached(user, gid, LOAD_GENERATION[0])
+
+
+LOAD_GENERATION = [0]  # bumped by config.load(): cached lookups last one load
+
+
 def _identity(name: str, place: Where, own: dict[str, Item], items: dict[str, Item],
               group: str | None, problems: list[ConfigProblem]) -> Any:
     from superd.config import Identity
@@ -387,7 +402,7 @@ def _identity(name: str, place: Where, own: dict[str, Item], items: dict[str, It
             gitem = items["group"]
             Reader(gitem.file, problems).error(gitem.value, f"group: no group '{group}'")
             return None
-    groups = tuple(os.getgrouplist(pw.pw_name, gid))
+    groups = _grouplist(pw.pw_name, gid)
     if root:  # even `user: root` gets root's groups, not whatever superd inherited
         switch = (pw.pw_uid, gid, sorted(groups)) != (0, 0, sorted(os.getgroups()))
     else:
