@@ -18,7 +18,14 @@ from superd import log as logmod
 from superd.children import Child
 from superd.config import Service
 from superd.internal import TcpSession
-from superd.limits import TokenBucket, access, client_ip, in_networks, source_group
+from superd.limits import (
+    TokenBucket,
+    access,
+    client_ip,
+    in_networks,
+    quick_group,
+    source_group,
+)
 from superd.listeners import Listener, State, close_listener
 from superd.pending import MAX_PENDING, Pending
 from superd.proxy import ProxyHeader
@@ -168,15 +175,18 @@ class Acceptor:
                bucket: TokenBucket | None) -> tuple[str, str] | None:
         """The client's per-source key if it may have a program, else None
         (the connection is then closed, counted and logged)."""
-        ip = client_ip(peer)
-        allowed, rule = access(svc, ip)
-        if not allowed:
-            self._refuse(svc, conn, peer, "denied", logmod.rule_text(rule), message=False)
-            return None
+        group = quick_group(svc, peer)  # IPv4 /32, no rules: no ipaddress objects
+        if group is None:
+            ip = client_ip(peer)
+            allowed, rule = access(svc, ip)
+            if not allowed:
+                self._refuse(svc, conn, peer, "denied", logmod.rule_text(rule), message=False)
+                return None
+            group = source_group(svc, ip)
         if self._at_limit(svc):
             self._refuse(svc, conn, peer, "limit", "max_connections reached")
             return None
-        source = (svc.name, source_group(svc, ip))
+        source = (svc.name, group)
         if self.per_source[source] >= svc.per_source:
             self._refuse(svc, conn, peer, "per_source",
                          f"{source[1]} has {svc.per_source} connections (per_source)")
@@ -286,7 +296,7 @@ class Acceptor:
         svc, code = child.service, child.returncode
         status = child.status()
         elapsed = time.monotonic() - child.started
-        stats = self.stats.setdefault(svc.name, ServiceStats())
+        stats = self.stats.get(svc.name) or self.stats.setdefault(svc.name, ServiceStats())
         stats.exits[status] += 1
         stats.durations.observe(elapsed)
         client = logmod.client_text(child.peer)
@@ -321,7 +331,7 @@ class Acceptor:
 
     def _count(self: Daemon, svc: Service, delta: int,
                source: tuple[str, str] | None = None) -> None:
-        stats = self.stats.setdefault(svc.name, ServiceStats())
+        stats = self.stats.get(svc.name) or self.stats.setdefault(svc.name, ServiceStats())
         stats.active += delta
         self.total_active += delta
         if source is not None:

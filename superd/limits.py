@@ -54,6 +54,22 @@ def access(service: Service, ip: IPAddress | None) -> tuple[bool, str]:
     return False, "not in the allow list"
 
 
+def quick_group(service: Service, peer: object) -> str | None:
+    """The hot path's shortcut: for a service without allow/deny rules and an
+    IPv4 client counted by its /32, the group is the address text itself.
+    None: take the general path (client_ip, access, source_group)."""
+    if service.allow or service.deny or service.source_prefix[0] != 32:
+        return None
+    if not isinstance(peer, tuple):
+        return None
+    host = peer[0]
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    if host.count(".") == 3 and ":" not in host:
+        return str(host)
+    return None
+
+
 def source_group(service: Service, ip: IPAddress | None) -> str:
     """The group a client counts in for ``per_source``: its /32 or /64 by default."""
     if ip is None:
