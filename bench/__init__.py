@@ -1,0 +1,1 @@
+"""superd's benchmark against a C floor and its peers: ``python -m bench``."""
