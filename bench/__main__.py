@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.only:
             steps[name]()
         text = _document(bench, header, args, st, started, load_before)
+        analysis = ROOT / "bench" / "ANALYSIS.md"
+        if out and analysis.exists():  # the hand-written reading of the gaps
+            text = text.rstrip() + "\n\n" + analysis.read_text()
         print(text)
         if out:
             Path(out).write_text(text)
@@ -246,11 +249,15 @@ def _document(bench: Bench, header: str, args: argparse.Namespace, st: Settings,
 
 def _git_describe() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h (%cs)"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "superd"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
-    return f"at commit {out[:80]}" if out else ""
+    if not head:
+        return ""
+    return f"at commit {head}" + (" with uncommitted changes in superd/" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -462,6 +462,10 @@ class Bench:
                            "VmRSS of the server process(es), summed where a server runs one "
                            "process per port; PSS shares the common pages out. superd's "
                            "READY=1 is its sd_notify message.")
+        if "tcpserver" in keys:
+            table.notes.append("tcpserver serves one port per process: the benchmark starts "
+                               f"its {n} processes one after another, so its ready time is "
+                               "mostly the benchmark's own process start-up.")
         self.tables.append(table)
         if superd_rss is not None:
             self.goal(f"W4: superd RSS with {n} services ≤ 25 MB", superd_rss, 25, "max",
