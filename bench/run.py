@@ -393,6 +393,12 @@ class Bench:
                            "server in C; xinetd "
                            "and openbsd-inetd fork a process per connection for their "
                            "built-in stream echo; superd serves it in its event loop.")
+        table.notes.append("Round trips on one connection are latency-bound: they measure how "
+                           "fast the kernel wakes the server as much as the server's work, and "
+                           "vary widely between runs. Here servers that wait in epoll (the "
+                           "floor, superd) are woken more slowly than a forked child blocked "
+                           "in read() (xinetd's and inetd's echo); the 16-connection runs and "
+                           "CPU µs/round trip compare the work itself.")
         self.note_loadgen(table, [s for v in data.values() for s in v])
         self.tables.append(table)
         self.raw["W3"] = _raw(data)
