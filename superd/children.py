@@ -65,6 +65,7 @@ class Children:
         self.timers = timers
         self.on_exit = on_exit
         self.running: dict[int, Child] = {}
+        self.unwatched: set[Child] = set()  # no pidfd: reaped on SIGCHLD
 
     def __len__(self) -> int:
         return len(self.running)
@@ -101,6 +102,7 @@ class Children:
         except OSError as e:
             log.warning("pidfd_open(%d) failed: %s; relying on SIGCHLD", child.pid, e.strerror)
             child.pidfd = None
+            self.unwatched.add(child)
         if stderr_fd is not None:
             os.set_blocking(stderr_fd, False)
             reader = StderrReader(stderr_fd, child.service.name, child.pid)
@@ -135,12 +137,13 @@ class Children:
             self._reaped(child)
 
     def reap_unwatched(self) -> None:
-        for child in [c for c in self.running.values() if c.pidfd is None]:
+        for child in list(self.unwatched):  # O(children without a pidfd), usually none
             if child.poll() is not None:
                 self._reaped(child)
 
     def _reaped(self, child: Child) -> None:
         del self.running[child.pid]
+        self.unwatched.discard(child)
         if child.pidfd is not None:
             self.selector.unregister(child.pidfd)
             os.close(child.pidfd)
