@@ -23,6 +23,7 @@ from superd.limits import (
     access,
     client_ip,
     in_networks,
+    plain_host,
     quick_group,
     source_group,
 )
@@ -359,14 +360,8 @@ def _streak_delay(streak: int) -> float:
     return min(0.1 * 2 ** min(streak, 10), 10.0)
 
 
-def _peer_host(peer: object) -> str:
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
-
-
 def _peer_text(peer: object) -> str:
     if isinstance(peer, tuple):
-        host = str(peer[0])
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]
+        host = plain_host(str(peer[0]))
         return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
     return str(peer) if peer else "local client"

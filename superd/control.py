@@ -19,13 +19,14 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from superd.timers import Timer, Timers
+from superd.exchange import Exchange
+from superd.timers import Timers
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024
 DEADLINE = 5.0
-_R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
+_R = selectors.EVENT_READ
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -67,35 +68,17 @@ class ControlServer:
             _Session(self, conn)
 
 
-class _Session:
+class _Session(Exchange):
     def __init__(self, server: ControlServer, conn: socket.socket) -> None:
         self.server = server
-        self.conn = conn
-        self.inbuf = bytearray()
-        self.outbuf = b""
-        conn.setblocking(False)
         self.uid = peer_uid(conn)
-        self.timer: Timer = server.timers.call_later(DEADLINE, self.close)
         server.sessions.add(self)
-        server.selector.register(conn, _R, self)
+        super().__init__(conn, server.selector, server.timers, DEADLINE)
 
-    def __call__(self, events: int) -> None:
-        if events & _R and not self.outbuf:
-            self._read()
-        elif events & _W:
-            self._write()
+    def complete(self, data: bytes) -> bool:
+        return not data or b"\n" in data or len(self.inbuf) >= MAX_REQUEST
 
-    def _read(self) -> None:
-        try:
-            data = self.conn.recv(MAX_REQUEST)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        self.inbuf += data
-        if data and b"\n" not in data and len(self.inbuf) < MAX_REQUEST:
-            return
+    def answer(self) -> bytes:
         if self.uid not in (0, os.geteuid()):
             # the request is read first, so that closing sends no reset
             log.warning("control socket: refused uid %d (only root and uid %d are served)",
@@ -109,30 +92,10 @@ class _Session:
                 reply = self.server.handler(request)
             except ValueError as e:
                 reply = {"ok": False, "error": f"bad request: {e}"}
-        self._reply(reply)
-        self.server.selector.modify(self.conn, _W, self)
+        return json.dumps(reply).encode() + b"\n"
 
-    def _reply(self, reply: dict[str, Any]) -> None:
-        self.outbuf = json.dumps(reply).encode() + b"\n"
-
-    def _write(self) -> None:
-        try:
-            sent = self.conn.send(self.outbuf)
-        except BlockingIOError:
-            return
-        except OSError:
-            sent = len(self.outbuf)
-        self.outbuf = self.outbuf[sent:]
-        if not self.outbuf:
-            self.close()
-
-    def close(self) -> None:
-        if self.conn.fileno() < 0:
-            return
-        self.timer.cancel()
+    def closed(self) -> None:
         self.server.sessions.discard(self)
-        self.server.selector.unregister(self.conn)
-        self.conn.close()
 
 
 def _bind(path: str) -> socket.socket:

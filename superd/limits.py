@@ -54,6 +54,12 @@ def access(service: Service, ip: IPAddress | None) -> tuple[bool, str]:
     return False, "not in the allow list"
 
 
+def plain_host(host: str) -> str:
+    """An IPv4-mapped IPv6 address (a v4 client on a dual-stack socket) as the
+    plain dotted IPv4 address; any other address unchanged."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
 def quick_group(service: Service, peer: object) -> str | None:
     """The hot path's shortcut: for a service without allow/deny rules and an
     IPv4 client counted by its /32, the group is the address text itself.
@@ -62,12 +68,8 @@ def quick_group(service: Service, peer: object) -> str | None:
         return None
     if not isinstance(peer, tuple):
         return None
-    host = peer[0]
-    if host.startswith("::ffff:"):
-        host = host[7:]
-    if host.count(".") == 3 and ":" not in host:
-        return str(host)
-    return None
+    host = plain_host(str(peer[0]))
+    return host if host.count(".") == 3 and ":" not in host else None
 
 
 def source_group(service: Service, ip: IPAddress | None) -> str:

@@ -24,12 +24,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from superd.config import ListenAddr
-from superd.timers import Timer, Timers
+from superd.exchange import Exchange
+from superd.timers import Timers
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
+_R = selectors.EVENT_READ
 
 
 
@@ -133,51 +134,18 @@ def _response(status: bytes, ctype: bytes, body: bytes) -> bytes:
             b"\r\nConnection: close\r\n\r\n" + body)
 
 
-class _Scrape:
+class _Scrape(Exchange):
     """One HTTP request: read the request head, answer, close."""
 
     def __init__(self, server: MetricsServer, conn: socket.socket) -> None:
         self.server = server
-        self.conn = conn
-        self.inbuf = b""
-        self.outbuf = b""
-        conn.setblocking(False)
-        self.timer: Timer = server.timers.call_later(10.0, self.close)
-        server.selector.register(conn, _R, self)
+        super().__init__(conn, server.selector, server.timers, 10.0)
 
-    def __call__(self, events: int) -> None:
-        if self.outbuf:
-            self._write()
-            return
-        try:
-            data = self.conn.recv(8192)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        self.inbuf += data
-        if not data or b"\r\n\r\n" in self.inbuf or len(self.inbuf) > 16384:
-            parts = self.inbuf.split(b" ", 2)
-            ok = len(parts) >= 2 and parts[0] in (b"GET", b"HEAD")
-            self.outbuf = (self.server.render(parts[1]) if ok else
-                           _response(b"400 Bad Request", b"text/plain", b"bad request\n"))
-            self.server.selector.modify(self.conn, _W, self)
+    def complete(self, data: bytes) -> bool:
+        return not data or b"\r\n\r\n" in self.inbuf or len(self.inbuf) > 16384
 
-    def _write(self) -> None:
-        try:
-            sent = self.conn.send(self.outbuf)
-        except BlockingIOError:
-            return
-        except OSError:
-            sent = len(self.outbuf)
-        self.outbuf = self.outbuf[sent:]
-        if not self.outbuf:
-            self.close()
-
-    def close(self) -> None:
-        if self.conn.fileno() < 0:
-            return
-        self.timer.cancel()
-        self.server.selector.unregister(self.conn)
-        self.conn.close()
+    def answer(self) -> bytes:
+        parts = self.inbuf.split(b" ", 2)
+        if len(parts) >= 2 and parts[0] in (b"GET", b"HEAD"):
+            return self.server.render(parts[1])
+        return _response(b"400 Bad Request", b"text/plain", b"bad request\n")

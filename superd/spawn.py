@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from superd import cspawn
 from superd.config import Identity, Service
 from superd.fields import DEFAULT_PATH, RLIMITS
+from superd.limits import plain_host
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +224,7 @@ def base_env(service: Service, environ: dict[str, str] | None = None) -> dict[st
 
 def _ip_port(addr: tuple[str, int] | tuple[str, int, int, int]) -> tuple[str, str, bool]:
     """Address text, port text and whether it is IPv6 (mapped v4 unmapped)."""
-    host = addr[0]
-    if host.startswith("::ffff:") and "." in host:
-        return host[7:], str(addr[1]), False
+    host = plain_host(addr[0])
     return host, str(addr[1]), ":" in host
 
 
