@@ -30,7 +30,7 @@ from superd.limits import (
 from superd.listeners import Listener, State, close_listener
 from superd.pending import MAX_PENDING, Pending
 from superd.proxy import ProxyHeader
-from superd.spawn import connection_env
+from superd.spawn import connection_env, failure_text
 from superd.stats import ServiceStats
 
 if TYPE_CHECKING:
@@ -290,7 +290,7 @@ class Acceptor:
             self.last_spawn_errno = e.errno
             self._throttled(f"{svc.name} spawn {e.errno}", logging.ERROR,
                             "%s: cannot start %s for %s: %s", svc.name, svc.exec[0],
-                            logmod.client_text(peer), e.strerror or e)
+                            logmod.client_text(peer), failure_text(e))
             return None
 
     def _child_exited(self: Daemon, child: Child) -> None:

@@ -1,9 +1,10 @@
 """Running programs: start, watch through pidfds, time out, reap.
 
-The loop's selector and timers are shared; each child's pidfd is
-registered with a handler that reaps it (``waitpid(WNOHANG)`` through
-``Popen.poll``) the moment it exits.  If ``pidfd_open`` fails (descriptor
-exhaustion) the child is still reaped on SIGCHLD by ``reap_unwatched``.
+The loop's selector and timers are shared; each child's pidfd (from the
+spawn itself, or ``pidfd_open`` on the fork path) is registered with a
+handler that reaps it (``waitpid(WNOHANG)`` in ``Child.poll``) the moment
+it exits.  If no pidfd can be had (descriptor exhaustion) the child is
+still reaped on SIGCHLD by ``reap_unwatched``.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Children:
             if svc.stderr == "log":
                 rfd, wfd = os.pipe()
             err = wfd if svc.stderr == "log" else (stdio if svc.stderr == "socket" else None)
-            pid = program.start(stdio, env, err)
+            pid, pidfd = program.start(stdio, env, err)
         except OSError:
             if rfd is not None:
                 os.close(rfd)
@@ -90,17 +91,21 @@ class Children:
         finally:
             if wfd is not None:
                 os.close(wfd)
-        child = Child(pid, svc, listener, peer, time.monotonic())
+        child = Child(pid, svc, listener, peer, time.monotonic(), pidfd)
         self._watch(child, rfd)
         return child
 
     def _watch(self, child: Child, stderr_fd: int | None) -> None:
         self.running[child.pid] = child
         try:
-            child.pidfd = os.pidfd_open(child.pid)
+            if child.pidfd is None:  # the fork path hands back no pidfd
+                child.pidfd = os.pidfd_open(child.pid)
             self.selector.register(child.pidfd, _READ, lambda ev: self._on_ready(child))
         except OSError as e:
-            log.warning("pidfd_open(%d) failed: %s; relying on SIGCHLD", child.pid, e.strerror)
+            log.warning("cannot watch %d through a pidfd: %s; relying on SIGCHLD",
+                        child.pid, e.strerror)
+            if child.pidfd is not None:
+                os.close(child.pidfd)
             child.pidfd = None
             self.unwatched.add(child)
         if stderr_fd is not None:

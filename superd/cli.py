@@ -87,6 +87,8 @@ def _load(path: str) -> Config | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from superd.spawn import SPAWN_PATH
+
     cfg = _load(args.config)
     if cfg is None:
         return 1
@@ -95,6 +97,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  includes {extra}")
     print(f"  control {cfg.control}; max_connections {cfg.max_connections}; "
           f"stop_timeout {cfg.stop_timeout:g}s")
+    print(f"  programs start through {SPAWN_PATH}")
     rows = [_row(s) for s in cfg.services]
     widths = [max(len(r[i]) for r in rows + [_HEADER]) for i in range(len(_HEADER))]
     for row in [_HEADER, *rows]:

@@ -44,7 +44,7 @@ from superd.listeners import (
 )
 from superd.notify import Handed, Notifier, handed_sockets
 from superd.pending import Pending
-from superd.spawn import Program
+from superd.spawn import SPAWN_PATH, Program
 from superd.stats import ServiceStats
 from superd.timers import Timer, Timers
 
@@ -101,8 +101,9 @@ class Daemon(Acceptor, HandOver):
         self._take_handed(handed_sockets())
         self._apply(self.config)
         self._endpoints(self.config)
-        log.info("superd %d ready: %d services, %d listeners", os.getpid(),
-                 sum(s.enabled for s in self.config.services), len(self.listeners))
+        log.info("superd %d ready: %d services, %d listeners; programs start through %s",
+                 os.getpid(), sum(s.enabled for s in self.config.services),
+                 len(self.listeners), SPAWN_PATH)
         self.notifier.ready(self.status_line())
         handoff.tell_predecessor()
         self._tick_watchdog()

@@ -1,47 +1,52 @@
 """Starting a service's program on a socket: the hot path.
 
 ``Program`` is computed once per service at (re)load: argv, the base
-environment, the identity.  ``Program.start()`` runs per connection and
-starts the program with ``os.posix_spawn``: glibc implements it with
-``clone(CLONE_VFORK)``, runs no Python code in the child, and reports an
-exec failure (ENOENT, EACCES) synchronously as an OSError.
+environment, the identity, the process settings.  ``Program.start()`` runs
+per connection.  The daemon's own credentials, directory and umask never
+change: everything the program needs is set in the child, before exec.
 
-posix_spawn cannot change the user, the directory or the umask of the
-child, so superd changes its own for the few microseconds of the call
-(it is single-threaded): it sets its *real* uid/gid and groups to the
-service's while keeping effective uid 0, and ``POSIX_SPAWN_RESETIDS`` makes
-the child's effective ids equal to those real ids before exec.  After exec
-the program holds the service's uid/gid in all of real, effective, saved
-and filesystem ids, with no capabilities, exactly as after setuid().
-superd restores its own ids at once.  cwd and umask are switched and
-restored the same way.
+Two ways to start, chosen when superd is installed:
 
-``rlimits`` and ``nice`` cannot be applied that way without changing
-superd's own limits, so a service that sets them starts through a small
-trampoline (``python -I -S``) that sets them, drops privileges and execs
-the program: a Python start-up (~15 ms) per connection, for those
-services only.
+- ``superd._spawn`` (a small C extension, built by pip where a compiler
+  is present): ``clone(CLONE_VM|CLONE_VFORK|CLONE_PIDFD)``; the child makes
+  raw system calls only (signals to default, setsid, descriptors, rlimits,
+  nice, setgroups/setresgid/setresuid, umask, chdir, execve), reports a
+  failing step's errno synchronously, and hands back a pidfd.
+- without it, ``subprocess`` in C: fork (CPython gives up vfork when ids
+  change), ``user=``/``group=``/``extra_groups=`` in the child; ``rlimits``
+  and ``nice`` go through a small ``python -I -S`` trampoline that sets them,
+  drops privileges and execs (a Python start-up per connection, for those
+  services only).
+
+``SPAWN_PATH`` names the one in use; ``superd check`` and the start-up log
+print it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pwd
-import signal
 import socket
 import struct
+import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from superd import cspawn
-from superd.config import Identity, Service
+from superd.config import Service
 from superd.fields import DEFAULT_PATH, RLIMITS
 from superd.limits import plain_host
 
+try:
+    from superd import _spawn
+except ImportError:  # built without a compiler: the fork path
+    _spawn = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
+
+SPAWN_PATH = (
+    "clone(CLONE_VM|CLONE_VFORK) from the superd._spawn extension" if _spawn is not None
+    else "fork from subprocess (the superd._spawn extension is not built)")
 
 _TRAMPOLINE = """\
 import os, resource, signal, sys
@@ -61,8 +66,8 @@ try:
         elif k == "ids":
             u, g, gs = v.split(":")
             os.setgroups([int(x) for x in gs.split(",") if x])
-            os.setgid(int(g))
-            os.setuid(int(u))
+            os.setresgid(int(g), int(g), int(g))
+            os.setresuid(int(u), int(u), int(u))
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     os.execve(a[i + 1], a[i + 1:], env)
@@ -77,108 +82,71 @@ CONNECTION_VARS = frozenset({
     "REMOTE_ADDR", "REMOTE_PORT", "REMOTE_HOST", "REMOTE_UID", "REMOTE_GID", "REMOTE_PID",
 })
 
+Ids = tuple[int, int, tuple[int, ...]]
+
 
 @dataclass(frozen=True, eq=False)
 class Program:
     """What is needed to start one service's program, computed at load."""
 
     service: Service
-    argv: tuple[str, ...]
+    path: bytes
+    argv: tuple[bytes, ...]
     env: tuple[bytes, ...]  # "NAME=value", without the connection's variables
-    ids: Identity | None  # switched to around the spawn; None: superd's own
-    c_argv: object = None  # cspawn's argv array
-    attrs: object = None  # cspawn.Attributes
+    ids: Ids | None  # the child's uid, gid, groups; None: superd's own
+    cwd: bytes | None  # None: /
+    rlimits: tuple[tuple[int, int, int], ...]
 
     @classmethod
     def for_service(cls, service: Service) -> Program:
         ident = service.identity
-        argv = service.exec
-        ids = ident if ident is not None and ident.switch else None
-        if service.rlimits or service.nice:
-            argv = _trampoline_argv(service)
-            ids = None  # the trampoline drops privileges itself, after the limits
+        ids = ((ident.uid, ident.gid, ident.groups)
+               if ident is not None and ident.switch else None)
+        argv: tuple[str, ...] = service.exec
+        if _spawn is None and (service.rlimits or service.nice):
+            argv, ids = _trampoline_argv(service), None  # it drops privileges itself
         env = tuple(os.fsencode(f"{k}={v}") for k, v in base_env(service).items()
                     if k not in CONNECTION_VARS)
-        if not cspawn.available:
-            return cls(service, argv, env, ids)
-        return cls(service, argv, env, ids, cspawn.encode_argv(argv),
-                   cspawn.Attributes(resetids=ids is not None))
+        return cls(service, os.fsencode(argv[0]), tuple(map(os.fsencode, argv)), env, ids,
+                   None if service.cwd == "/" else os.fsencode(service.cwd),
+                   tuple((RLIMITS[name], soft, hard) for name, soft, hard in service.rlimits))
 
-    def start(self, stdio: int, conn_env: dict[str, str], stderr: int | None) -> int:
-        """Start the program with *stdio* as fds 0 and 1; return its pid.
+    def start(self, stdio: int, conn_env: dict[str, str],
+              stderr: int | None) -> tuple[int, int | None]:
+        """Start the program with *stdio* as fds 0 and 1; return (pid, pidfd).
 
         *stderr* is the fd for fd 2, or None for /dev/null.  Raises OSError
-        (from exec, or from clone) with the program's errno.
+        with the errno of the step that failed (exec, a setting, or clone).
         """
         env = [*self.env, *(os.fsencode(f"{k}={v}") for k, v in conn_env.items())]
         svc = self.service
-        with _ids(self.ids), _umask(svc.umask):
-            if self.attrs is not None:
-                cwd = None if svc.cwd == "/" else os.fsencode(svc.cwd)
-                return cspawn.spawn(os.fsencode(self.argv[0]), self.c_argv,  # type: ignore[arg-type]
-                                    env, self.attrs, stdio, stderr, cwd)  # type: ignore[arg-type]
-            return self._os_spawn(stdio, env, stderr)
+        if _spawn is not None:
+            return _spawn.spawn(self.path, self.argv, env, stdio,  # type: ignore[no-any-return]
+                                -1 if stderr is None else stderr, self.cwd, self.ids,
+                                -1 if svc.umask == DAEMON_UMASK else svc.umask,
+                                svc.nice or None, self.rlimits)
+        return self._fork(stdio, env, stderr), None
 
-    def _os_spawn(self, stdio: int, env: list[bytes], stderr: int | None) -> int:
-        """The fallback without glibc's extras (signals 32/33 stay as inherited)."""
-        actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
-            (os.POSIX_SPAWN_DUP2, stdio, 0), (os.POSIX_SPAWN_DUP2, stdio, 1)]
-        if stderr is None:
-            actions.append((os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_RDWR, 0))
-        else:
-            actions.append((os.POSIX_SPAWN_DUP2, stderr, 2))
-        environ = dict(e.split(b"=", 1) for e in env)
-        with _cwd(self.service.cwd):
-            return os.posix_spawn(self.argv[0], self.argv, environ, file_actions=actions,
-                                  setsid=True, setsigmask=(), setsigdef=_SIGDEF,
-                                  resetids=self.ids is not None)
-
-
-# Signals superd ignores (Python ignores these two) go back to default in
-# the child; handled signals are reset by exec itself, and superd ignores no
-# others (loop._setup_signals resets any it inherited).
-_SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)
+    def _fork(self, stdio: int, env: list[bytes], stderr: int | None) -> int:
+        """The path without the extension: subprocess's fork and exec, in C."""
+        uid, gid, groups = self.ids if self.ids is not None else (None, None, None)
+        proc = subprocess.Popen(
+            self.argv, executable=self.path, stdin=stdio, stdout=stdio,
+            stderr=subprocess.DEVNULL if stderr is None else stderr,
+            env=dict(e.split(b"=", 1) for e in env), cwd=self.cwd, close_fds=True,
+            restore_signals=True, start_new_session=True, umask=self.service.umask,
+            user=uid, group=gid, extra_groups=None if groups is None else list(groups))
+        # superd reaps its children itself (pidfd, waitpid): mark this object
+        # done so that subprocess never waits on the pid, which may be reused.
+        proc.returncode = 0
+        return proc.pid
 
 
-@contextlib.contextmanager
-def _ids(ident: Identity | None) -> Iterator[None]:
-    if ident is None:
-        yield
-        return
-    groups = os.getgroups()
-    os.setgroups(list(ident.groups))
-    os.setresgid(ident.gid, -1, -1)
-    os.setresuid(ident.uid, -1, -1)
-    try:
-        yield
-    finally:
-        os.setresuid(0, -1, -1)
-        os.setresgid(0, -1, -1)
-        os.setgroups(groups)
-
-
-@contextlib.contextmanager
-def _cwd(path: str) -> Iterator[None]:
-    if path == "/":
-        yield
-        return
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir("/")
-
-
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    if mask == DAEMON_UMASK:
-        yield
-        return
-    os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(DAEMON_UMASK)
+def failure_text(e: OSError) -> str:
+    """Why a start failed, naming the step when it was not exec itself."""
+    step = getattr(e, "step", "execve")
+    reason = e.strerror or str(e)
+    return reason if step == "execve" else f"{step}: {reason}"
 
 
 DAEMON_UMASK = 0o022

@@ -1,9 +1,10 @@
 """The spawn hot path is pinned by the syscalls it makes, not by timing.
 
-superd starts programs with glibc's posix_spawn, which clones with
-CLONE_VFORK (no copy of the daemon's page tables), also when the program
-runs as another user (RESETIDS).  A regression to fork() would show up
-here as a clone without CLONE_VFORK.
+superd starts programs through its C extension, which clones with
+CLONE_VM|CLONE_VFORK (no copy of the daemon's page tables), also when the
+program runs as another user (the child switches its own ids).  A
+regression to fork() would show up here as a clone without CLONE_VFORK.
+test_privilege_spawn.py pins that the id changes happen in children only.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def _clones(trace: str) -> list[str]:
             if re.search(r"\b(clone3?|v?fork)\(", line) and "resumed" not in line]
 
 
-@pytest.mark.parametrize("extra", ["", "    user: root"], ids=["default-user", "user-root"])
+@pytest.mark.parametrize("extra", ["    user: nobody", "    user: root"],
+                         ids=["user-nobody", "user-root"])
 def test_programs_start_with_clone_vfork(tmp_path: Path, extra: str) -> None:
     trace = _trace_daemon(tmp_path, extra)
     clones = _clones(trace)
