@@ -652,10 +652,10 @@ def test_handover_keeps_control_socket_and_metrics(superd: Start, tmp_path: Path
 
 
 def test_handover_under_systemd_notify_and_watchdog(superd: Start, tmp_path: Path) -> None:
-    """As under systemd (Type=notify, WatchdogSec=, NotifyAccess=all), where
-    the service manager sets WATCHDOG_PID to the main pid: after SIGUSR2 the
-    old process announces MAINPID=, and the new one sends READY=1 and keeps
-    the watchdog fed."""
+    """As under systemd (Type=notify, WatchdogSec=, NotifyAccess=main), where
+    the service manager sets WATCHDOG_PID to the main pid and hears only the
+    main process: after SIGUSR2 the old process, still the main one,
+    announces MAINPID=, and the new one then keeps the watchdog fed."""
     port = free_port()
     notify = NotifySocket(str(tmp_path / "notify.sock"), creds=True)
     d = superd(_config(tmp_path, f"""
@@ -680,9 +680,12 @@ def test_handover_under_systemd_notify_and_watchdog(superd: Start, tmp_path: Pat
         if not any(pid == new and _is_ready(lines) for lines, pid in notify.seen):
             notify.wait_for(lambda lines, pid: pid == new and _is_ready(lines))
         assert tcp_exchange(port, b"x") == b"x"
-        # the old process is gone: the new main process must feed the watchdog
+        # the old process is gone: the new main process must feed the watchdog,
+        # after the MAINPID= that made it the one a NotifyAccess=main systemd hears
         notify.wait_for(lambda lines, pid: lines == ["WATCHDOG=1"] and pid == new,
                         timeout=3.0)
+        switch = notify.seen.index(([f"MAINPID={new}"], old))
+        assert (["WATCHDOG=1"], new) in notify.seen[switch:], notify.seen
     finally:
         notify.close()
         _stop_pid(new)
