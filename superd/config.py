@@ -11,16 +11,15 @@ from __future__ import annotations
 import glob
 import ipaddress
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from superd import fields
+from superd import fields, trust
 from superd.errors import ConfigError, ConfigProblem
 from superd.fields import Item, Reader
-from superd.yamlfile import Where, load_nodes, mapping_items, where
+from superd.yamlfile import MAX_FILE_BYTES, Where, load_nodes, mapping_items, where
 
 INTERNAL_SERVICES = ("echo", "discard", "daytime", "chargen", "time")
 DEFAULT_CONTROL_ROOT = "/run/superd/control.sock"
@@ -54,7 +53,12 @@ class ListenAddr:
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a program runs as.  ``switch`` False: superd's own identity."""
+    """Who a program runs as.  ``switch`` False: superd's own identity.
+
+    ``ignored`` names the ``user:``/``group:`` a file asked for that superd,
+    not running as root, cannot give (as xinetd does, it runs the program
+    as its own user instead, and says so at check and at load).
+    """
 
     user: str
     uid: int
@@ -63,6 +67,7 @@ class Identity:
     home: str
     shell: str
     switch: bool
+    ignored: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,8 +144,7 @@ def load(path: str) -> Config:
     path = os.path.abspath(path)
     fields.LOAD_GENERATION[0] += 1
     problems: list[ConfigProblem] = []
-    root = load_nodes(path)
-    problems.extend(_check_owner(path))
+    root = _read(path, Where(path, 1, 1), "this file")
     top = _top_mapping(root, path, problems)
     reader = Reader(path, problems)
     for key, (knode, _) in top.items():
@@ -149,8 +153,8 @@ def load(path: str) -> Config:
     defaults = _defaults(top, path, problems)
     files = [path]
     raw = _service_nodes(top.get("services"), path, problems)
-    for inc_path in _includes(top.get("include"), reader, files, problems):
-        sub_root = _load_include(inc_path, problems)
+    for inc_path, at in _includes(top.get("include"), reader, files, problems):
+        sub_root = _load_include(inc_path, at, problems)
         if sub_root is None:
             continue
         sub = _top_mapping(sub_root, inc_path, problems)
@@ -185,24 +189,16 @@ def _top_mapping(
     return mapping_items(root, path, problems)
 
 
-def _check_owner(path: str) -> list[ConfigProblem]:
-    """As root, refuse files that someone other than root could change."""
-    if os.geteuid() != 0:
-        return []
+def _read(path: str, at: Where, subject: str) -> yaml.Node:
+    """The root node of *path*, read through superd.trust: as root, a file
+    someone else could change is refused at *at* and never parsed."""
     try:
-        st = os.stat(path)
-    except OSError:
-        return []
-    if st.st_uid != 0:
-        return [ConfigProblem(path, 1, 1,
-                              "refused: superd runs as root and this file is "
-                              f"owned by uid {st.st_uid}, not root")]
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return [ConfigProblem(path, 1, 1,
-                              "refused: superd runs as root and this file is "
-                              f"writable by its group or others (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o})")]
-    return []
+        data = trust.read_config(path, MAX_FILE_BYTES, subject)
+    except trust.Untrusted as e:
+        raise ConfigError([at.problem(f"refused: superd runs as root and {e}")]) from None
+    except OSError as e:
+        raise ConfigError([ConfigProblem(path, 1, 1, f"cannot read: {e.strerror}")]) from None
+    return load_nodes(path, data)
 
 
 def _defaults(
@@ -264,38 +260,49 @@ def _service_nodes(
 def _includes(
     entry: tuple[yaml.Node, yaml.Node] | None, reader: Reader,
     files: list[str], problems: list[ConfigProblem],
-) -> list[str]:
+) -> list[tuple[str, Where]]:
+    """The files the include: globs match, each with the place of its glob."""
     if entry is None:
         return []
     node = entry[1]
     patterns = reader.str_list(node, "include")
     if patterns is None:
         return []
-    found: list[str] = []
-    base = os.path.dirname(reader.file)
-    for pattern in patterns:
-        full = os.path.join(base, pattern)
-        directory = os.path.dirname(full)
-        if not os.path.isdir(directory):
-            problems.append(where(node, reader.file).problem(
-                f"include: directory {directory} does not exist"))
-            continue
-        for match in sorted(glob.glob(full)):
-            if os.path.isfile(match) and match not in files:
-                files.append(match)
-                found.append(match)
+    found: list[tuple[str, Where]] = []
+    nodes = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    for pattern, pnode in zip(patterns, nodes, strict=True):
+        full = os.path.join(os.path.dirname(reader.file), pattern)
+        at = where(pnode, reader.file)
+        if _include_dir(os.path.dirname(full), at, problems):
+            for match in sorted(glob.glob(full)):
+                if os.path.isfile(match) and match not in files:
+                    files.append(match)
+                    found.append((match, at))
     return found
 
 
-def _load_include(path: str, problems: list[ConfigProblem]) -> yaml.Node | None:
+def _include_dir(directory: str, at: Where, problems: list[ConfigProblem]) -> bool:
+    """True if *directory* exists and, as root, only root can change it."""
+    if not os.path.isdir(directory):
+        problems.append(at.problem(f"include: directory {directory} does not exist"))
+        return False
     try:
-        node = load_nodes(path)
+        trust.check_dir(directory)
+    except trust.Untrusted as e:
+        problems.append(at.problem(f"include: refused: superd runs as root and {e}"))
+        return False
+    except OSError as e:
+        problems.append(at.problem(f"include: cannot open {directory}: {e.strerror}"))
+        return False
+    return True
+
+
+def _load_include(path: str, at: Where, problems: list[ConfigProblem]) -> yaml.Node | None:
+    try:
+        return _read(path, at, path)
     except ConfigError as e:
         problems.extend(e.problems)
         return None
-    owner = _check_owner(path)
-    problems.extend(owner)
-    return None if owner else node
 
 
 def _top_level(

@@ -186,10 +186,19 @@ def host_name(host: str, conv: Entry) -> None:
 
 
 def set_user(user: str, group: str, conv: Entry) -> None:
+    """The source's user (inetd's user field, xinetd's user attribute) as user:.
+
+    superd running as root refuses an exec service without one, so a source
+    that names none gets a note saying what to write.
+    """
     if user:
         conv.keys["user"] = user
         if not user.isdigit() and not _user_exists(user):
             conv.note(f"user '{user}' does not exist on this machine")
+    else:
+        conv.note("no user in the source: superd running as root refuses a service without "
+                  "user: (without it every such service would share the uid 'nobody'); "
+                  "write user: nobody to accept that, or a user of its own")
     if group:
         conv.keys["group"] = group
 
@@ -200,6 +209,7 @@ def _user_exists(user: str) -> bool:
     except KeyError:
         return False
     return True
+
 
 def set_exec(program: str, argv0: str, args: list[str], conv: Entry) -> None:
     if os.path.basename(program) == "tcpd":

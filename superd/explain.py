@@ -86,6 +86,8 @@ def _program(svc: Service) -> list[str]:
         except KeyError:
             gname = str(ident.gid)
         switch = "" if ident.switch else " (superd's own identity)"
+        if ident.ignored:
+            switch = f" (user: {ident.ignored} is not applied: superd does not run as root)"
         lines.append(f"runs as: {ident.user} (uid {ident.uid}), group {gname} "
                      f"({ident.gid}){switch}")
     lines.append(f"cwd {svc.cwd}, umask {svc.umask:03o}, nice {svc.nice}, "

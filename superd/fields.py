@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from superd import trust
 from superd.errors import ConfigProblem
 from superd.yamlfile import Where, kind, mapping_items, scalar, where
 
@@ -50,6 +51,15 @@ SIZE_RLIMITS = frozenset({"as", "fsize", "core", "data", "stack", "memlock"})
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+USER_REQUIRED = (
+    "service '{name}': user: is required when superd runs as root (without it every "
+    "such service would share one uid, 'nobody', and could read each other's "
+    "environment and signal each other's programs); write user: nobody to accept "
+    "that, or a user of its own")
+INTERNAL_UNIX_DGRAM = (
+    "service '{name}': internal services do not listen on UNIX datagram paths: a "
+    "datagram's sender names the path its reply goes to, and can point it at any "
+    "socket superd may write to (superd answers only IPv4 and IPv6 peers)")
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
                 "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -294,9 +304,14 @@ def service(name: str, entry: tuple[Where, dict[str, Item]],
         return None
     group = values.pop("group", None)
     values.pop("user", None)
-    values["identity"] = _identity(name, place, own, items, group, problems)
-    if values["identity"] is None:
+    ident = values["identity"] = _identity(name, place, own, items, group, problems)
+    if ident is None:
         return None
+    if "exec" in values and trust.strict():  # else: superd has no more to give than its own
+        refused = trust.program_problem(values["exec"][0], ident.uid, ident.user)
+        if refused:
+            Reader(items["exec"].file, problems).error(items["exec"].value, refused)
+            return None
     written = sorted(k for k in own if k in NOT_ENFORCED)
     return Service(name=name, where=place, not_enforced=tuple(written), **values)
 
@@ -337,6 +352,8 @@ def _complete(name: str, place: Where, items: dict[str, Item],
             "proxy_protocol: needs proxy_from: the balancers' addresses "
             "(there is no safe default)")
     unix = [a for a in values.get("listen", ()) if a.path]
+    if has_internal and protocol == "udp" and unix:
+        problems.append(place.problem(INTERNAL_UNIX_DGRAM.format(name=name)))
     if ("mode" in items or "owner" in items) and not unix:
         key = "mode" if "mode" in items else "owner"
         Reader(items[key].file, problems).error(
@@ -359,9 +376,6 @@ def _resolve_program(argv: tuple[str, ...], item: Item,
         Reader(item.file, problems).error(item.value, f"exec: {program} does not exist")
     elif not os.access(program, os.X_OK):
         Reader(item.file, problems).error(item.value, f"exec: {program} is not executable")
-    elif os.geteuid() == 0 and os.stat(program).st_mode & 0o002:
-        Reader(item.file, problems).error(
-            item.value, f"exec: refused: {program} is writable by everyone")
     return (program, *argv[1:])
 
 
@@ -386,6 +400,9 @@ def _identity(name: str, place: Where, own: dict[str, Item], items: dict[str, It
     root = os.geteuid() == 0
     item = items.get("user")
     user = None if item is None or is_null(item.value) else str(item.value.value)
+    if user is None and root and "exec" in items:
+        problems.append(place.problem(USER_REQUIRED.format(name=name)))
+        return None
     if user is None:
         user = "nobody" if root else pwd.getpwuid(os.geteuid()).pw_name
     try:
@@ -402,12 +419,19 @@ def _identity(name: str, place: Where, own: dict[str, Item], items: dict[str, It
             gitem = items["group"]
             Reader(gitem.file, problems).error(gitem.value, f"group: no group '{group}'")
             return None
+    if not root and (pw.pw_uid, gid) != (os.geteuid(), os.getegid()):
+        # superd cannot give another identity: its own, said at check and load
+        own = pwd.getpwuid(os.geteuid())
+        return Identity(own.pw_name, own.pw_uid, os.getegid(), tuple(os.getgroups()),
+                        own.pw_dir, own.pw_shell, False, ignored=_wanted(pw.pw_name, group))
     groups = _grouplist(pw.pw_name, gid)
-    if root:  # even `user: root` gets root's groups, not whatever superd inherited
-        switch = (pw.pw_uid, gid, sorted(groups)) != (0, 0, sorted(os.getgroups()))
-    else:
-        switch = pw.pw_uid != os.geteuid() or gid != os.getegid()
+    switch = root and (pw.pw_uid, gid, sorted(groups)) != (0, 0, sorted(os.getgroups()))
+    # (as root, even `user: root` gets root's groups, not whatever superd inherited)
     return Identity(pw.pw_name, pw.pw_uid, gid, groups, pw.pw_dir, pw.pw_shell, switch)
+
+
+def _wanted(user: str, group: str | None) -> str:
+    return user if group is None else f"{user}:{group}"
 
 
 # --- one parser per key -------------------------------------------------

@@ -5,7 +5,8 @@ and time (RFC 868), over TCP and UDP.  TCP connections are non-blocking
 state machines driven by the selector: a slow reader of chargen or echo
 only slows itself.  Over UDP, datagrams from port 0 and from the ports of
 internal services are dropped, so two superservers cannot be made to
-bounce packets at each other forever.
+bounce packets at each other forever; so is every datagram from a
+non-INET peer (a UNIX path names where the reply goes, chosen by the sender).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class UdpService:
             self._answer(data, peer)
 
     def _answer(self, data: bytes, peer: object) -> None:
-        if isinstance(peer, tuple) and peer[1] in self.loop_ports or not self.allowed(peer):
+        if not self._may_answer(peer):
             self.dropped += 1
             return
         reply = udp_reply(self.name, data, self.counter)
@@ -193,3 +194,16 @@ class UdpService:
             self.sock.sendto(reply, peer)
         except OSError:
             pass  # the client's problem; never the daemon's
+
+    def _may_answer(self, peer: object) -> bool:
+        """Only IPv4 and IPv6 peers, from no loop port, and allowed.
+
+        A UNIX datagram peer is a path its sender chose and can swap for a
+        symlink to any socket superd may write to (OpenBSD inetd's
+        dg_badinput drops every non-INET peer too).
+        """
+        if self.sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        if not isinstance(peer, tuple) or peer[1] in self.loop_ports:
+            return False
+        return self.allowed(peer)

@@ -33,7 +33,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from superd.config import Service
+from superd.config import Identity, Service
 from superd.fields import DEFAULT_PATH, RLIMITS
 from superd.limits import plain_host
 
@@ -102,6 +102,8 @@ class Program:
         ident = service.identity
         ids = ((ident.uid, ident.gid, ident.groups)
                if ident is not None and ident.switch else None)
+        if ident is not None and ident.ignored:
+            log.warning("%s: %s", service.name, ignored_text(ident))
         argv: tuple[str, ...] = service.exec
         if _spawn is None and (service.rlimits or service.nice):
             argv, ids = _trampoline_argv(service), None  # it drops privileges itself
@@ -140,6 +142,11 @@ class Program:
         # done so that subprocess never waits on the pid, which may be reused.
         proc.returncode = 0
         return proc.pid
+
+
+def ignored_text(ident: Identity) -> str:
+    return (f"user: {ident.ignored} is not applied: superd does not run as root, so "
+            f"its programs run as {ident.user}")
 
 
 def failure_text(e: OSError) -> str:

@@ -50,15 +50,21 @@ def where(node: yaml.Node, file: str) -> Where:
     return Where(file, mark.line + 1, mark.column + 1)
 
 
-def load_nodes(path: str) -> yaml.Node:
-    """Return the root node of *path*; raise ConfigError on any problem."""
+def load_nodes(path: str, data: bytes | None = None) -> yaml.Node:
+    """Return the root node of *path*; raise ConfigError on any problem.
+
+    *data*, when given, is the file's content as already read (from the
+    descriptor superd.trust judged, the only way superd reads as root); at
+    most MAX_FILE_BYTES + 1 bytes of it are needed to tell a file too large.
+    """
     from superd.errors import ConfigError
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise ConfigError([ConfigProblem(path, 1, 1, f"cannot read: {e.strerror}")]) from None
+    if data is None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+        except OSError as e:
+            raise ConfigError([ConfigProblem(path, 1, 1, f"cannot read: {e.strerror}")]) from None
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError([ConfigProblem(path, 1, 1, "file is larger than 4 MiB")])
     text = _decode(path, data)

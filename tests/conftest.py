@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -47,6 +48,40 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
     return bool(predicate())
 
 
+ROOT_DEFAULT_USER = "nobody"
+# The user to write for an exec service whose test is not about identity:
+# as root superd requires user: (nobody is what such services used to get);
+# otherwise superd's own user, which needs no switch.
+TEST_USER = ROOT_DEFAULT_USER if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+_DEFAULTS = re.compile(r"^defaults:[ \t]*(?:&\S+[ \t]*)?(?:(\{)|(?:#.*)?$)", re.MULTILINE)
+
+
+def default_user(text: str) -> str:
+    """*text* with ``user: nobody`` in its ``defaults:`` when the suite runs as
+    root and the file names no user at all.
+
+    As root, superd refuses an exec service without ``user:`` (each would
+    share one uid with every other).  Most daemon tests are not about
+    identity and write none; this gives them, explicitly, the ``nobody``
+    they used to get implicitly.  A test that is about ``user:`` writes one
+    (or writes the file itself) and is left alone.  Not as root: unchanged,
+    programs run as the invoking user as before.
+    """
+    if os.geteuid() != 0 or re.search(r"\buser\s*:", text):
+        return text
+    line = f"user: {ROOT_DEFAULT_USER}"
+    m = _DEFAULTS.search(text)
+    if m is None:  # appended: line numbers of what the test wrote stay put
+        return text.rstrip("\n") + f"\ndefaults: {{{line}}}\n"
+    head, rest = text[:m.end()], text[m.end():]
+    if m.group(1):  # flow style: defaults: {a: 1}
+        sep = " " if rest.lstrip().startswith("}") else ", "
+        return f"{head}{line}{sep}{rest.lstrip()}"
+    following = rest.lstrip("\n").split("\n", 1)[0]
+    indent = following[:len(following) - len(following.lstrip())] or "  "
+    return f"{head}\n{indent}{line}{rest}"
+
+
 class Superd:
     """A running ``superd run`` process with its log in a file."""
 
@@ -63,7 +98,7 @@ class Superd:
             # a private control socket: concurrent test daemons must not share
             # the default /run/superd/control.sock
             text = f"control: {self.workdir}/control.sock\n" + text
-        self.config_path.write_text(text)
+        self.config_path.write_text(default_user(text))
         os.chmod(self.config_path, 0o644)
 
     def start(self, *extra: str, env: dict[str, str] | None = None,

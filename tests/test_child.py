@@ -395,7 +395,7 @@ def _identity(raw: bytes) -> tuple[int, int, list[int]]:
     return int(out["uid"]), int(out["gid"]), status_groups(text)
 
 
-def test_default_user_is_nobody_with_group_db_groups(wrapped_superd, tmp_path: Path) -> None:
+def test_user_nobody_gets_group_db_groups(wrapped_superd, tmp_path: Path) -> None:
     prog = script(tmp_path, "id.sh", IDENTITY_SCRIPT)
     port = free_port()
     # superd itself has supplementary groups 4 27 100 (the wrapper): none may leak.
@@ -404,6 +404,7 @@ def test_default_user_is_nobody_with_group_db_groups(wrapped_superd, tmp_path: P
           who:
             listen: 127.0.0.1:{port}
             exec: [{prog}]
+            user: nobody
         """)
     uid, gid, groups = _identity(talk(port)[1])
     assert (uid, gid) == (NOBODY.pw_uid, NOBODY.pw_gid)
@@ -435,6 +436,7 @@ def test_group_key_sets_the_primary_group(superd, tmp_path: Path) -> None:
           grouped:
             listen: 127.0.0.1:{port}
             exec: [{prog}]
+            user: nobody
             group: daemon
           rootgrouped:
             listen: 127.0.0.1:{port2}

@@ -21,7 +21,12 @@ from superd import config as configmod
 from superd import fields
 
 TRACEBACK = "Traceback"
+# The user the test files name for exec services that are not about identity:
+# as root superd requires user: (nobody is what such services used to get
+# implicitly); otherwise superd's own user, which needs no switch.
 DEFAULT_USER = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+ROOT_ONLY = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the file-ownership checks apply only when superd runs as root")
 NOTE_SUFFIX = "parsed but not yet enforced by this version"
 
 
@@ -103,11 +108,6 @@ def script(path: Path, mode: int = 0o755) -> Path:
     return path
 
 
-def needs_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the file-ownership checks apply only when superd runs as root")
-
-
 # --- good files ---------------------------------------------------------------
 
 
@@ -120,6 +120,7 @@ GOOD = """\
       max_connections: 8
       per_source: 2
       umask: "027"
+      user: @USER@
     services:
       echo:
         internal: echo
@@ -167,7 +168,8 @@ def good_config(tmp_path: Path) -> Path:
     script(tmp_path / "bin" / "hello.sh")
     write(tmp_path / "conf.d" / "10-dropin.yaml", DROPIN)
     (tmp_path / "conf.d" / "README").write_text("not yaml, not included\n")
-    return write(tmp_path / "superd.yaml", GOOD.replace("@TMP@", str(tmp_path)))
+    text = GOOD.replace("@TMP@", str(tmp_path)).replace("@USER@", DEFAULT_USER)
+    return write(tmp_path / "superd.yaml", text)
 
 
 def test_good_file_lists_every_service(tmp_path: Path) -> None:
@@ -269,13 +271,14 @@ def test_port_from_etc_services(tmp_path: Path) -> None:
 
 
 def test_yaml_merge_keys(tmp_path: Path) -> None:
-    path = write(tmp_path / "superd.yaml", """\
+    path = write(tmp_path / "superd.yaml", f"""\
         services:
           first: &base
             listen: 127.0.0.1:3000
             exec: [/bin/cat, -u]
+            user: {DEFAULT_USER}
             max_connections: 4
-            env: {LANG: C.UTF-8}
+            env: {{LANG: C.UTF-8}}
           second:
             <<: *base
             listen: 127.0.0.1:3001
@@ -351,6 +354,7 @@ BROKEN = [
           cat:
             listen: 2000
             exec: [/bin/cat]
+            user: @USER@
             listen: 2001
         """, "listen", 2, 0, "duplicate key 'listen' (first at line 3)"),
     ("umask-unquoted", """\
@@ -446,36 +450,44 @@ BROKEN = [
           a:
             listen: 127.0.0.1:2000
             exec: [/bin/cat]
+            user: @USER@
           b:
             listen: 127.0.0.1:2000
             exec: [/bin/cat]
+            user: @USER@
         """, "b:", 1, 0, "service 'b' listens on 127.0.0.1:2000/tcp, which overlaps service 'a'"),
     ("wildcard-then-specific", """\
         services:
           a:
             listen: 2000
             exec: [/bin/cat]
+            user: @USER@
           b:
             listen: "[::1]:2000"
             exec: [/bin/cat]
+            user: @USER@
         """, "b:", 1, 0, "service 'b' listens on [::1]:2000/tcp, which overlaps service 'a'"),
     ("specific-then-wildcard", """\
         services:
           a:
             listen: 127.0.0.1:2000
             exec: [/bin/cat]
+            user: @USER@
           b:
             listen: 2000
             exec: [/bin/cat]
+            user: @USER@
         """, "b:", 1, 0, "service 'b' listens on *:2000/tcp, which overlaps service 'a'"),
     ("same-unix-path", """\
         services:
           a:
             listen: @TMP@/s.sock
             exec: [/bin/cat]
+            user: @USER@
           b:
             listen: @TMP@/./s.sock
             exec: [/bin/cat]
+            user: @USER@
         """, "b:", 1, 0, "service 'b' listens on @TMP@/s.sock/tcp, which overlaps service 'a'"),
     # bind(0.0.0.0:P) and bind(127.0.0.1:P) collide (EADDRINUSE) just like *:P does
     ("ipv4-any-address-then-specific", """\
@@ -483,9 +495,11 @@ BROKEN = [
           a:
             listen: 0.0.0.0:2000
             exec: [/bin/cat]
+            user: @USER@
           b:
             listen: 127.0.0.1:2000
             exec: [/bin/cat]
+            user: @USER@
         """, "b:", 1, 0, "overlaps service 'a'"),
     # one service binding the same port twice fails at run time too
     ("one-service-overlaps-itself", """\
@@ -493,6 +507,7 @@ BROKEN = [
           a:
             listen: [2000, 127.0.0.1:2000]
             exec: [/bin/cat]
+            user: @USER@
         """, "a:", 1, 0, "2000"),
     ("unknown-user", """\
         services:
@@ -506,6 +521,7 @@ BROKEN = [
           cat:
             listen: 2000
             exec: [/bin/cat]
+            user: @USER@
             group: superd-no-such-group
         """, "superd-no-such-group", 1, 0, "group: no group 'superd-no-such-group'"),
     ("bad-rlimit-value", """\
@@ -582,6 +598,7 @@ def test_broken_file_is_refused_at_the_right_place(
     tmp_path: Path, text: str, needle: str, nth: int, offset: int, fragment: str
 ) -> None:
     text = textwrap.dedent(text).replace("@TMP@", str(tmp_path))
+    text = text.replace("@USER@", DEFAULT_USER)
     path = tmp_path / "superd.yaml"
     path.write_text(text)
     os.chmod(path, 0o644)
@@ -674,8 +691,10 @@ def test_include_may_hold_only_services(tmp_path: Path) -> None:
 
 
 def test_service_defined_in_main_file_and_include(tmp_path: Path) -> None:
-    main_text = textwrap.dedent("""\
+    main_text = textwrap.dedent(f"""\
         include: conf.d/*.yaml
+        defaults:
+          user: {DEFAULT_USER}
         services:
           web:
             listen: 127.0.0.1:8080
@@ -752,16 +771,16 @@ def simple(tmp_path: Path, name: str = "superd.yaml", mode: int = 0o644) -> Path
     return write(tmp_path / name, "services:\n  echo:\n    internal: echo\n", mode)
 
 
+@ROOT_ONLY
 def test_root_accepts_root_owned_private_file(tmp_path: Path) -> None:
-    needs_root()
     for mode in (0o600, 0o640, 0o644):
         path = simple(tmp_path, mode=mode)
         result = check(path)
         assert result.returncode == 0, f"{mode:o}: {result.stderr}"
 
 
+@ROOT_ONLY
 def test_root_refuses_file_owned_by_another_user(tmp_path: Path) -> None:
-    needs_root()
     path = simple(tmp_path)
     nobody = pwd.getpwnam("nobody").pw_uid
     os.chown(path, nobody, 0)
@@ -769,32 +788,34 @@ def test_root_refuses_file_owned_by_another_user(tmp_path: Path) -> None:
                f"refused: superd runs as root and this file is owned by uid {nobody}")
 
 
+@ROOT_ONLY
 @pytest.mark.parametrize("mode", [0o664, 0o646, 0o666, 0o620])
 def test_root_refuses_file_writable_by_group_or_others(tmp_path: Path, mode: int) -> None:
-    needs_root()
     path = simple(tmp_path, mode=mode)
     assert_one(check(path), path, (1, 1),
                f"writable by its group or others (mode {mode:04o})")
 
 
+@ROOT_ONLY
 @pytest.mark.parametrize("how", ["owner", "mode"])
 def test_root_refuses_included_file_likewise(tmp_path: Path, how: str) -> None:
-    needs_root()
     main = write(tmp_path / "superd.yaml", "include: conf.d/*.yaml\nservices: {}\n")
     inc = write(tmp_path / "conf.d" / "web.yaml",
                 "services:\n  web:\n    listen: 2000\n    exec: [/bin/cat]\n",
                 0o646 if how == "mode" else 0o644)
     if how == "owner":
         os.chown(inc, pwd.getpwnam("nobody").pw_uid, 0)
-    line = assert_one(check(main), inc, (1, 1), "refused: superd runs as root")
+    # refused at the include: line that brought it in; its text is never parsed
+    line = assert_one(check(main), main, (1, 10), f"refused: superd runs as root and {inc} ")
     assert ("owned by uid" if how == "owner" else "mode 0646") in line
 
 
+@ROOT_ONLY
 @pytest.mark.parametrize("mode", [0o757, 0o777])
 def test_root_refuses_world_writable_program(tmp_path: Path, mode: int) -> None:
-    needs_root()
     prog = script(tmp_path / "prog.sh", mode=mode)
-    text = f"services:\n  web:\n    listen: 2000\n    exec: [{prog}, -v]\n"
+    text = f"services:\n  web:\n    listen: 2000\n    exec: [{prog}, -v]\n    user: nobody\n"
     path = write(tmp_path / "superd.yaml", text)
     assert_one(check(path), path, locate(text, "["),
-               f"exec: refused: {prog} is writable by everyone")
+               f"exec: refused: the program runs as nobody and {prog} is writable by its "
+               f"group or others (mode {mode:04o})")

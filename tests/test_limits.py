@@ -21,7 +21,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import Superd, free_port, run_superd, script, tcp_exchange, wait_until
+from conftest import TEST_USER, Superd, free_port, run_superd, script, tcp_exchange, wait_until
 
 Start = Callable[..., Superd]
 
@@ -476,6 +476,7 @@ def explain_config(tmp_path: Path) -> Path:
         web:
           listen: 127.0.0.1:{free_port()}
           exec: [/bin/cat, -u]
+          user: nobody
           allow: [10.0.0.0/8, "2001:db8::/32"]
           deny: [10.9.0.0/16]
           per_source: 4
@@ -485,6 +486,7 @@ def explain_config(tmp_path: Path) -> Path:
         fine:
           listen: 127.0.0.1:{free_port()}
           exec: [/bin/cat]
+          user: nobody
           source_prefix: {{v4: 24, v6: 128}}
         """))
     os.chmod(path, 0o644)
@@ -686,6 +688,7 @@ def test_descriptor_exhaustion_with_programs_is_logged_once_and_recovers(
             hold:
               listen: 127.0.0.1:{port}
               exec: [{prog}]
+              user: {TEST_USER}
               max_connections: 500
               per_source: 500
             """) as (pid, log_path), _clients() as socks:

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from conftest import TEST_USER
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +31,8 @@ def _base_service() -> Service:
     directory = Path(tempfile.mkdtemp(prefix="superd-props-"))
     path = directory / "superd.yaml"
     path.write_text(f"control: {directory}/control.sock\n"
-                    "services:\n  t:\n    listen: 127.0.0.1:1\n    exec: [/bin/cat]\n")
+                    "services:\n  t:\n    listen: 127.0.0.1:1\n    exec: [/bin/cat]\n"
+                    f"    user: {TEST_USER}\n")
     os.chmod(path, 0o644)
     try:
         svc = configmod.load(str(path)).services[0]

@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Superd, free_port, run_superd, script, tcp_exchange, wait_until
+from conftest import (
+    ROOT,
+    TEST_USER,
+    Superd,
+    free_port,
+    run_superd,
+    script,
+    tcp_exchange,
+    wait_until,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 StartSuperd = Callable[..., Superd]
@@ -678,10 +687,12 @@ def test_journal_priority_prefixes(tmp_path: Path) -> None:
           x:
             listen: 127.0.0.1:{port}
             exec: [/bin/cat]
+            user: {TEST_USER}
             deny: [127.0.0.9]
           gone:
             listen: 127.0.0.1:{p_gone}
             exec: [{gone}]
+            user: {TEST_USER}
         """))
     log = tmp_path / "journal.log"
     log.touch()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Superd, free_port, run_superd, script, wait_until
+from conftest import ROOT, TEST_USER, Superd, free_port, run_superd, script, wait_until
 
 Start = Callable[..., Superd]
 
@@ -85,10 +85,11 @@ def proxy_v2_local() -> bytes:
 
 
 def _config(tmp_path: Path, services: str) -> str:
-    """A whole configuration with a private control socket."""
+    """A whole configuration with a private control socket; the programs
+    run as TEST_USER (superd as root requires a user:)."""
     body = textwrap.indent(textwrap.dedent(services).strip("\n"), "  ")
     return (f"control: {tmp_path}/control.sock\nstop_timeout: 3\n"
-            f"log: {{level: info}}\nservices:\n{body}\n")
+            f"log: {{level: info}}\ndefaults: {{user: {TEST_USER}}}\nservices:\n{body}\n")
 
 
 def _marks(tmp_path: Path) -> Path:
