@@ -163,7 +163,7 @@ def test_every_service_key_with_a_fixed_default_is_checked() -> None:
 @pytest.mark.parametrize(("key", "words"), [
     ("listen", "the service's name looked up in /etc/services"),
     ("wait", "false for tcp and internal services, true for udp"),
-    ("user", "nobody when superd runs as root, otherwise superd's own user"),
+    ("user", "none: required for exec services when superd runs as root"),
     ("group", "the user's primary group"),
 ])
 def test_worded_defaults(key: str, words: str) -> None:
