@@ -12,12 +12,13 @@ import json
 import os
 import re
 import sys
+from typing import TextIO
 
 import yaml
 
 from superd import config as configmod
 from superd import log as logmod
-from superd.config import Config, Service
+from superd.config import Config, LogSettings, Service
 from superd.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/superd/superd.yaml"
@@ -87,7 +88,7 @@ def _load(path: str) -> Config | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from superd.spawn import SPAWN_PATH
+    from superd.spawn import SPAWN_PATH, ignored_text
 
     cfg = _load(args.config)
     if cfg is None:
@@ -107,8 +108,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"note: {svc.name}: {', '.join(svc.not_enforced)} "
                   "parsed but not yet enforced by this version")
         ident = svc.identity
-        if ident is not None and ident.switch and os.geteuid() != 0:
-            print(f"note: {svc.name}: user {ident.user} needs superd to run as root")
+        if ident is not None and ident.ignored:
+            print(f"note: {svc.name}: {ignored_text(ident)}")
     return 0
 
 
@@ -156,12 +157,15 @@ def _control_path(path: str) -> str:
 
 def _ask(args: argparse.Namespace, command: str) -> dict[str, object] | None:
     from superd.control import NotRunning, request
+    from superd.paths import UnsafePath
 
     path = _control_path(args.config)
     try:
         return request(path, command)
     except NotRunning as e:
         print(f"superd: {e}", file=sys.stderr)
+    except UnsafePath as e:  # never ask a socket someone else could have planted
+        print(f"superd: not asking {path}: {e.strerror}", file=sys.stderr)
     except PermissionError:
         print(f"superd: permission denied on {path} (run as root or as superd's user)",
               file=sys.stderr)
@@ -234,10 +238,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from superd import daemonize
-    from superd.loop import Daemon
-    from superd.spawn import prepare_daemon
-
     path = os.path.abspath(args.config)
     cfg = _load(path)
     if cfg is None:
@@ -245,31 +245,74 @@ def cmd_run(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "superd", "run", "-c", path]
     if args.pidfile:
         argv += ["--pidfile", args.pidfile]
-    if not args.daemon:
-        _protect_stdio()
-        prepare_daemon()
+    if args.daemon:
+        return _run_detached(args, path, cfg, argv)
+    return _run_foreground(args, path, cfg, argv)
+
+
+def _refused(e: OSError) -> int:
+    """A runtime path superd would not create or open (superd.paths says why)."""
+    print(f"superd: {e.strerror or e}", file=sys.stderr)
+    return 1
+
+
+def _run_foreground(args: argparse.Namespace, path: str, cfg: Config,
+                    argv: list[str]) -> int:
+    from superd import daemonize
+    from superd.loop import Daemon
+    from superd.spawn import prepare_daemon
+
+    _protect_stdio()
+    prepare_daemon()
+    try:
         logmod.setup(cfg.log)
         if args.pidfile:
             daemonize.write_pidfile(args.pidfile)
-        try:
-            return Daemon(path, cfg, argv).run()
-        finally:
-            if args.pidfile:
-                daemonize.remove_pidfile_if_mine(args.pidfile)
+    except OSError as e:
+        return _refused(e)
+    try:
+        return Daemon(path, cfg, argv).run()
+    finally:
+        if args.pidfile:
+            daemonize.remove_pidfile_if_mine(args.pidfile)
+
+
+def _run_detached(args: argparse.Namespace, path: str, cfg: Config,
+                  argv: list[str]) -> int:
+    from superd import daemonize, paths
+    from superd.loop import Daemon
+    from superd.spawn import prepare_daemon
+
     pidfile = args.pidfile or daemonize.default_pidfile()
+    settings = cfg.log
+    if settings.target == "stderr":  # nobody reads a daemon's stderr: use syslog
+        settings = dataclasses.replace(settings, target="syslog")
+    try:
+        paths.check_file_place(pidfile)  # before pidfile_holder reads it by name
+    except OSError as e:
+        return _refused(e)
     holder = daemonize.pidfile_holder(pidfile)
     if holder is not None:
         print(f"superd: already running as pid {holder} (pidfile {pidfile})", file=sys.stderr)
         return 1
-    settings = cfg.log
-    if settings.target == "stderr":  # nobody reads a daemon's stderr: use syslog
-        settings = dataclasses.replace(settings, target="syslog")
-    output = open(settings.file, "a") if settings.target == "file" and settings.file else None
+    try:
+        output = _daemon_output(settings)
+    except OSError as e:
+        return _refused(e)
     with daemonize.detached(pidfile, output):
         _protect_stdio()
         prepare_daemon()
         logmod.setup(settings)
         return Daemon(path, cfg, argv[:6] + ["--pidfile", pidfile]).run()
+
+
+def _daemon_output(settings: LogSettings) -> TextIO | None:
+    """The log file a detached superd's stdout and stderr go to, opened safely."""
+    from superd import paths
+
+    if settings.target == "file" and settings.file:
+        return os.fdopen(paths.open_log(settings.file), "a")
+    return None
 
 
 def _protect_stdio() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from superd import fields, trust
+from superd import fields, paths, trust
 from superd.errors import ConfigError, ConfigProblem
 from superd.fields import Item, Reader
 from superd.yamlfile import MAX_FILE_BYTES, Where, load_nodes, mapping_items, where
@@ -331,7 +331,7 @@ def _top_level(
 def default_control_path() -> str:
     if os.geteuid() == 0:
         return DEFAULT_CONTROL_ROOT
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/superd-{os.geteuid()}"
+    runtime = paths.runtime_dir()
     return os.path.join(runtime, "superd", "control.sock")
 
 

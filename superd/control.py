@@ -1,15 +1,16 @@
 """The control socket: one JSON request and one JSON reply per connection.
 
 Requests are ``{"command": "status" | "reload" | "stop"}``.  The socket is
-mode 0600 and the peer's credentials (``SO_PEERCRED``) are checked: only
-root and superd's own user are served.  Served inside the event loop:
-each connection is a small non-blocking state machine with a deadline.
+made by :mod:`superd.paths` (mode 0600 from birth; a stale socket is
+replaced, anything else at the path refused) and the peer's credentials
+(``SO_PEERCRED``) are checked: only root and superd's own user are served.
+Served inside the event loop: each connection is a small non-blocking state
+machine with a deadline.  The client side checks the path the same way before
+it connects, so it never talks to a socket someone else planted.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from superd import paths
 from superd.exchange import Exchange
 from superd.timers import Timers
 
@@ -43,8 +45,7 @@ class ControlServer:
         self.timers = timers
         self.handler = handler
         self.sessions: set[_Session] = set()  # open requests: the loop waits for them
-        self.sock = _bind(path)
-        self.inode = os.lstat(path).st_ino
+        self.sock, self.ident = _bind(path)
         selector.register(self.sock, _R, self._on_accept)
 
     def close(self) -> None:
@@ -52,9 +53,7 @@ class ControlServer:
             session.close()
         self.selector.unregister(self.sock)
         self.sock.close()
-        with contextlib.suppress(OSError):
-            if os.lstat(self.path).st_ino == self.inode:
-                os.unlink(self.path)
+        paths.remove_socket(self.path, self.ident)
 
     def _on_accept(self, events: int) -> None:
         for _ in range(16):
@@ -98,29 +97,16 @@ class _Session(Exchange):
         self.server.sessions.discard(self)
 
 
-def _bind(path: str) -> socket.socket:
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale
-        except FileNotFoundError:
-            pass
-        else:
-            raise OSError(errno.EADDRINUSE, f"{path} is in use (another superd?)")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
+def _bind(path: str) -> tuple[socket.socket, paths.Ident]:
+    """The listening control socket, mode 0600 from birth (see superd.paths)."""
+    sock, ident = paths.bind_unix(path, socket.SOCK_STREAM, 0o600)
     try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    sock.listen(16)
-    sock.setblocking(False)
-    return sock
+        sock.listen(16)
+    except OSError:
+        sock.close()
+        paths.remove_socket(path, ident)
+        raise
+    return sock, ident
 
 
 class NotRunning(Exception):
@@ -128,13 +114,11 @@ class NotRunning(Exception):
 
 
 def request(path: str, command: str, timeout: float = 30.0) -> dict[str, Any]:
-    """Send one command to the daemon at *path*; its JSON reply."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    """Send one command to the daemon at *path*; its JSON reply.  Raise
+    :class:`~superd.paths.UnsafePath` if the path is not one to trust."""
     try:
-        sock.connect(path)
+        sock = paths.connect_unix(path, timeout)
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        sock.close()
         raise NotRunning(f"superd is not running (nothing answers on {path}: "
                          f"{e.strerror})") from None
     with sock:

@@ -3,7 +3,9 @@
 python-daemon's ``DaemonContext`` does the detaching (double fork, new
 session, cwd ``/``, umask, closing inherited descriptors) and holds a
 ``TimeoutPIDLockFile``.  A pidfile naming a live process refuses the start;
-a stale one (its process gone) is broken and replaced.
+a stale one (its process gone) is broken and replaced.  The pid file's
+directory is checked (and made) by :mod:`superd.paths` first; the lock file
+is then created ``O_CREAT|O_EXCL`` by lockfile, which never follows a symlink.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import IO
 import daemon
 import daemon.pidfile
 import lockfile
+
+from superd import paths
 
 
 def pidfile_holder(path: str) -> int | None:
@@ -37,15 +41,15 @@ def pidfile_holder(path: str) -> int | None:
 
 
 def default_pidfile() -> str:
-    if os.geteuid() == 0:
-        return "/run/superd.pid"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/superd-{os.geteuid()}"
-    return os.path.join(runtime, "superd.pid")
+    """``/run/superd.pid`` as root, else in the runtime directory (paths.runtime_dir)."""
+    return os.path.join(paths.runtime_dir(), "superd.pid")
 
 
 @contextlib.contextmanager
 def detached(pidfile: str, output: IO[str] | None) -> Iterator[None]:
-    """Detach from the terminal holding *pidfile*; *output* takes stdout/stderr."""
+    """Detach from the terminal holding *pidfile*; *output* takes stdout/stderr.
+    Raise OSError (:class:`~superd.paths.UnsafePath`) if *pidfile*'s place is unsafe."""
+    paths.check_file_place(pidfile)
     lock = daemon.pidfile.TimeoutPIDLockFile(pidfile, acquire_timeout=0)
     if lock.is_locked() and pidfile_holder(pidfile) is None:
         lock.break_lock()
@@ -62,11 +66,9 @@ def detached(pidfile: str, output: IO[str] | None) -> Iterator[None]:
 
 
 def write_pidfile(path: str) -> None:
-    """A successor (after SIGUSR2) takes over the pidfile, atomically."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    """Write our pid to *path* atomically (a successor after SIGUSR2 takes it
+    over): a fresh O_EXCL|O_NOFOLLOW file in the checked directory, renamed."""
+    paths.write_file(path, f"{os.getpid()}\n".encode())
 
 
 def remove_pidfile_if_mine(path: str) -> None:

@@ -2,8 +2,10 @@
 
 A listener is keyed by (protocol, address) so that a reload can keep the
 sockets of unchanged services open.  Every socket is non-blocking and
-close-on-exec; UNIX socket files are created with the configured mode and
-owner and removed when the listener closes (if still ours).
+close-on-exec; UNIX socket files are created by :mod:`superd.paths` with the
+configured mode and owner, changed on reload only through a descriptor of the
+inode that was bound (and only when mode or owner changed), and removed when
+the listener closes (if still ours).
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from __future__ import annotations
 import enum
 import errno
 import logging
-import os
 import socket
-import stat
 from dataclasses import dataclass, field
 
+from superd import paths
 from superd.config import ListenAddr, Service
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class Listener:
     sock: socket.socket
     service: Service
     state: State = State.LISTENING
-    inode: int | None = None
+    ident: paths.Ident | None = None  # (st_dev, st_ino) of our UNIX socket file
+    applied: tuple[int, paths.Owner] | None = None  # mode and owner it has
     adopted: bool = False  # handed in by systemd or a predecessor: never closed here
     fail_streak: int = 0
     extra: dict[str, object] = field(default_factory=dict)
@@ -79,27 +81,28 @@ def adopt_listener(sock: socket.socket, addr: ListenAddr, service: Service,
     """Wrap a socket someone else bound.  *own*: it was ours before a hand-over,
     so it is ours to close and unlink; otherwise (systemd's) it is never closed
     and its mode and owner are left as systemd set them."""
-    inode = None
-    if own and addr.path is not None:
-        try:
-            inode = os.lstat(addr.path).st_ino
-        except OSError:
-            inode = None
+    ident = paths.socket_ident(addr.path) if own and addr.path is not None else None
     listener = Listener(key_for(addr, service.protocol), addr, sock, service,
-                        inode=inode, adopted=not own)
+                        ident=ident, adopted=not own)
     apply_options(listener, service)
     return listener
 
 
 def open_listener(addr: ListenAddr, service: Service) -> Listener:
     """Bind and (for streams) listen; raise OSError with a useful message."""
+    ident = applied = None
     if addr.path is not None:
-        sock, inode = _bind_unix(addr.path, service)
+        applied = (service.mode, service.owner)
+        sock, ident = paths.bind_unix(addr.path, _socktype(service), *applied)
     else:
-        sock, inode = _bind_inet(addr, service), None
+        sock = _bind_inet(addr, service)
     listener = Listener(key_for(addr, service.protocol), addr, sock, service,
-                        inode=inode)
-    apply_options(listener, service)
+                        ident=ident, applied=applied)
+    try:
+        apply_options(listener, service)
+    except OSError:
+        close_listener(listener)
+        raise
     return listener
 
 
@@ -113,18 +116,34 @@ def apply_options(listener: Listener, service: Service) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(service.nodelay))
         sock.listen(service.backlog or socket.SOMAXCONN)
     if listener.addr.path is not None and not listener.adopted:
-        _set_mode_owner(listener.addr.path, service)
+        _update_mode_owner(listener, service)
+
+
+def _update_mode_owner(listener: Listener, service: Service) -> None:
+    """A kept socket whose mode or owner changed: change it through a descriptor
+    of the inode that was bound, or log why not.  Unchanged: nothing on disk."""
+    wanted = (service.mode, service.owner)
+    path = listener.addr.path
+    if listener.applied == wanted or path is None:
+        return
+    if listener.ident is None:
+        log.error("%s: %s is not a socket file superd can vouch for; mode and owner "
+                  "left alone", service.name, path)
+        listener.applied = wanted  # said once
+        return
+    try:
+        paths.set_mode_owner(path, listener.ident, *wanted)
+    except OSError as e:
+        log.error("%s: mode and owner of %s not changed: %s", service.name, path,
+                  e.strerror or e)
+        return
+    listener.applied = wanted
 
 
 def close_listener(listener: Listener) -> None:
     listener.state = State.CLOSED
-    path = listener.addr.path
-    if path is not None and listener.inode is not None:
-        try:
-            if os.lstat(path).st_ino == listener.inode:
-                os.unlink(path)
-        except OSError:
-            pass
+    if listener.addr.path is not None and listener.ident is not None:
+        paths.remove_socket(listener.addr.path, listener.ident)
     listener.sock.close()
 
 
@@ -162,45 +181,3 @@ def _bind_one(family: int, kind: int, host: str, port: int, service: Service,
         sock.close()
         raise
     return sock
-
-
-def _bind_unix(path: str, service: Service) -> tuple[socket.socket, int]:
-    _remove_stale(path)
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, _socktype(service))
-    sock.setblocking(False)
-    old = os.umask(0o177)  # no window in which others may connect
-    try:
-        sock.bind(path)
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        os.umask(old)
-    return sock, os.lstat(path).st_ino
-
-
-def _remove_stale(path: str) -> None:
-    """Remove a socket file nobody listens on; refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        with socket.socket(socket.AF_UNIX, kind) as probe:
-            try:
-                probe.connect(path)
-            except OSError as e:
-                if e.errno in (errno.ECONNREFUSED, errno.EPROTOTYPE):
-                    continue
-                raise
-        raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
-    os.unlink(path)  # stale: left by a process that is gone
-
-
-def _set_mode_owner(path: str, service: Service) -> None:
-    if service.owner is not None:
-        os.chown(path, *service.owner)
-    os.chmod(path, service.mode)

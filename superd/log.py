@@ -13,6 +13,7 @@ import sys
 import time
 from typing import TextIO
 
+from superd import paths
 from superd.config import LogSettings
 
 log = logging.getLogger("superd")
@@ -26,6 +27,16 @@ _policy = {"client_address": "full", "key": secrets.token_bytes(16)}
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
            "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class SafeFileHandler(logging.FileHandler):
+    """A FileHandler whose file is opened by :func:`superd.paths.open_log`:
+    ``O_APPEND|O_NOFOLLOW``, mode 0640, a regular file in a directory that
+    passes superd's rules; OSError (naming the path) otherwise."""
+
+    def _open(self) -> TextIO:
+        fd = paths.open_log(self.baseFilename)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 class TextFormatter(logging.Formatter):
@@ -74,10 +85,11 @@ def under_journal(stream: TextIO) -> bool:
 
 
 def setup(settings: LogSettings, stream: TextIO | None = None) -> None:
-    """Send superd's log to stderr (or the configured file), replacing handlers."""
+    """Send superd's log to stderr (or the configured file), replacing handlers.
+    Raise OSError if the log file cannot be opened safely."""
     journal = False
     if settings.target == "file" and settings.file:
-        handler: logging.Handler = logging.FileHandler(settings.file)
+        handler: logging.Handler = SafeFileHandler(settings.file)
         stamp = True
     elif settings.target == "syslog":
         handler = logging.handlers.SysLogHandler(
@@ -128,17 +140,28 @@ def rule_text(rule: str) -> str:
 
 
 def reopen() -> None:
-    """SIGUSR1: reopen log files (after logrotate moved them)."""
-    for handler in log.handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                if handler.stream:
-                    handler.stream.close()
-                handler.stream = handler._open()
-            finally:
-                handler.release()
-    log.info("log files reopened")
+    """SIGUSR1: reopen log files (after logrotate moved them).  A file that
+    cannot be reopened safely is reported, and the old one kept."""
+    handlers = [h for h in log.handlers if isinstance(h, logging.FileHandler)]
+    if all([_reopen(h) for h in handlers]):
+        log.info("log files reopened")
+
+
+def _reopen(handler: logging.FileHandler) -> bool:
+    try:
+        stream = handler._open()
+    except OSError as e:
+        log.error("log file %s not reopened: %s; still writing to the old one",
+                  handler.baseFilename, e.strerror or e)
+        return False
+    handler.acquire()
+    try:
+        old, handler.stream = handler.stream, stream
+    finally:
+        handler.release()
+    if old:
+        old.close()
+    return True
 
 
 class StderrReader:

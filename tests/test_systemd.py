@@ -538,8 +538,10 @@ def test_handover_without_a_refused_connection(superd: Start, tmp_path: Path) ->
     """))
     old = d.pid
     new: int | None = None
-    tcp = Hammer(lambda data: tcp_exchange(echo, data, timeout=5), seconds=12)
-    unix = Hammer(lambda data: _unix_exchange(local, data), seconds=12)
+    # bounded by time; the count bound must outlast the hand-over (a fast
+    # machine does 20,000 UNIX exchanges before the old process has let go)
+    tcp = Hammer(lambda data: tcp_exchange(echo, data, timeout=5), seconds=12, limit=500_000)
+    unix = Hammer(lambda data: _unix_exchange(local, data), seconds=12, limit=500_000)
     long_conn = socket.create_connection(("127.0.0.1", slow), timeout=10)
     try:
         assert _read_line(long_conn) == b"start\n"
@@ -559,7 +561,9 @@ def test_handover_without_a_refused_connection(superd: Start, tmp_path: Path) ->
         assert d.proc.wait(15) == 0, d.log()
         served_before_exit = (tcp.ok, unix.ok)
         assert wait_until(lambda: tcp.ok > served_before_exit[0] + 20
-                          and unix.ok > served_before_exit[1] + 20, 10)
+                          and unix.ok > served_before_exit[1] + 20, 10), (
+            served_before_exit, tcp.ok, unix.ok, tcp.is_alive(), unix.is_alive(),
+            tcp.failures[:3], unix.failures[:3], d.log()[-3000:])
         tcp.halt.set()
         unix.halt.set()
         tcp.join(10)
