@@ -312,7 +312,7 @@ def _top_level(
     def node(key: str) -> yaml.Node | None:
         return top[key][1] if key in top else None
 
-    control = reader.opt(node("control"), reader.abs_path, "control")
+    control = reader.opt(node("control"), reader.created_path, "control")
     metrics = reader.opt(node("metrics"), reader.metrics_addr, "metrics")
     stop = reader.opt(node("stop_timeout"), reader.seconds, "stop_timeout")
     total = reader.opt(node("max_connections"), reader.positive_int, "max_connections")
@@ -351,7 +351,7 @@ def _log_settings(node: yaml.Node | None, reader: Reader) -> LogSettings:
         if key not in LOG_KEYS:
             reader.error(knode, fields.unknown(key, LOG_KEYS))
         elif key == "file":
-            values[key] = reader.abs_path(vnode, "log.file")
+            values[key] = reader.created_path(vnode, "log.file")
         else:
             values[key] = reader.choice(vnode, f"log.{key}", choices[key])
     values = {k: v for k, v in values.items() if v is not None}

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from superd import trust
+from superd import paths, trust
 from superd.errors import ConfigProblem
 from superd.yamlfile import Where, kind, mapping_items, scalar, where
 
@@ -169,6 +169,16 @@ class Reader:
         text = self.string(node, key)
         if text is not None and not os.path.isabs(text):
             self.error(node, f"{key}: '{text}' must be an absolute path")
+            return None
+        return text
+
+    def created_path(self, node: yaml.Node, key: str) -> str | None:
+        """An absolute path superd will create (a socket, the log file): its
+        directory must pass the rules of :mod:`superd.paths`."""
+        text = self.abs_path(node, key)
+        problem = None if text is None else paths.place_problem(text)
+        if problem is not None:
+            self.error(node, f"{key}: refused: {problem}")
             return None
         return text
 
@@ -450,6 +460,8 @@ def _listen(r: Reader, node: yaml.Node, key: str) -> Any:
         parsed = parse_listen(text, None)
         if isinstance(parsed, str):
             r.error(n, f"listen: {parsed}")
+        elif parsed.path is not None and (problem := paths.place_problem(parsed.path)):
+            r.error(n, f"listen: refused: {problem}")
         else:
             result.append(parsed)
     return tuple(result) if len(result) == len(nodes) else None

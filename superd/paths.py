@@ -491,6 +491,21 @@ def write_file(path: str, data: bytes, mode: int = 0o644) -> None:
             raise
 
 
+def place_problem(path: str) -> str | None:
+    """Why superd would refuse to create *path*, judged now without creating
+    anything (for ``superd check`` and reloads), or None.  A directory still
+    to be made is judged by the existing ones above it, as superd makes it."""
+    try:
+        directory, name = _split(path)
+        with open_dir(directory) as d:
+            _entry(d, name, path)
+    except UnsafePath as e:
+        return e.strerror
+    except OSError:
+        return None  # missing: made at run time under directories that passed
+    return None
+
+
 def check_file_place(path: str) -> None:
     """Before a library creates *path* by name (python-daemon's pid file):
     make and check its directory, and refuse anything but a regular file there."""

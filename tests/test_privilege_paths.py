@@ -97,27 +97,32 @@ def write_config(tmp_path: Path, text: str) -> Path:
 def test_reload_symlink_attack_from_the_owner_of_the_socket_directory(
     superd: Start, tmp_path: Path
 ) -> None:
-    """The reviewer's attack: nobody owns the socket's directory, swaps the
-    socket for a symlink to a root-owned 0600 file and waits for SIGHUP."""
+    """The reviewer's attack: the socket's directory is handed to nobody after
+    superd bound there; nobody swaps the socket for a symlink to a root-owned
+    0600 file and waits for SIGHUP.  The reload is refused with the reason,
+    the file is untouched, and the running configuration keeps serving."""
     sockdir = tmp_path / "sockdir"
     sockdir.mkdir(mode=0o755)
-    os.chown(sockdir, NOBODY, NOBODY)
     sock, secret, port = sockdir / "svc.sock", secret_file(tmp_path), free_port()
     d = superd(f"""
     services:
       local: {{listen: {sock}, internal: echo, mode: "0666", owner: "nobody:nogroup"}}
       inet: {{listen: "127.0.0.1:{port}", internal: echo}}
     """)
+    assert stat.S_ISSOCK(os.lstat(sock).st_mode)
+    os.chown(sockdir, NOBODY, NOBODY)  # the mistake the attack needs
     attack = as_user(NOBODY, "/bin/sh", "-c", f"rm -f {sock} && ln -s {secret} {sock}")
     assert attack.returncode == 0, attack.stderr
-    d.reload()
+    d.reload(expect="reload refused")
     assert_untouched(secret)
     assert os.path.islink(sock)
     d.wait_log(
-        rf"cannot listen on {re.escape(str(sock))}/tcp: directory "
-        rf"{re.escape(str(sockdir))} is owned by uid {NOBODY}"
+        rf"listen: refused: directory {re.escape(str(sockdir))} is owned by uid {NOBODY}"
     )
     assert tcp_exchange(port, b"still serving") == b"still serving"
+    assert d.stop() == 0
+    assert os.path.islink(sock), "superd removed a symlink it did not make"
+    assert_untouched(secret)
 
 
 def test_reload_touches_only_the_socket_it_bound(superd: Start, tmp_path: Path) -> None:
@@ -303,19 +308,31 @@ def test_squatted_fallback_runtime_directory(tmp_path: Path, squat: Path) -> Non
 
 
 def test_directory_others_can_write_is_refused_for_sockets(superd: Start, tmp_path: Path) -> None:
+    """check names the line; a reload to such a file is refused and keeps the old one."""
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)  # no sticky bit: anyone could rename what superd makes
     port = free_port()
-    d = superd(f"""
+    bad = f"""
     control: {shared}/control.sock
     services:
       local: {{listen: {shared}/svc.sock, internal: echo}}
       inet: {{listen: "127.0.0.1:{port}", internal: echo}}
+    """
+    why = (rf"refused: directory {re.escape(str(shared))} is writable by others "
+           r"\(mode 0777\) and not sticky")
+    config = write_config(tmp_path, bad)
+    code, out = run_briefly(config)
+    assert code == 1, out
+    assert re.search(rf"^{re.escape(str(config))}:2:10: control: {why}", out, re.M), out
+    assert re.search(rf"^{re.escape(str(config))}:4:19: listen: {why}", out, re.M), out
+    assert list(shared.iterdir()) == []
+    d = superd(f"""
+    services:
+      inet: {{listen: "127.0.0.1:{port}", internal: echo}}
     """)
-    why = rf"directory {re.escape(str(shared))} is writable by others \(mode 0777\) and not sticky"
-    d.wait_log(rf"cannot listen on {re.escape(str(shared))}/svc\.sock/tcp: {why}")
-    d.wait_log(rf"control socket {re.escape(str(shared))}/control\.sock: {why}")
+    d.reload(bad.replace(f"    control: {shared}/control.sock\n", ""), expect="reload refused")
+    d.wait_log(rf"listen: {why}")
     assert list(shared.iterdir()) == []
     assert tcp_exchange(port, b"up") == b"up"
 

@@ -825,10 +825,11 @@ def test_sigusr1_reopens_the_log_file(superd: Start, tmp_path: Path) -> None:
 # --- 6. unit files -------------------------------------------------------------
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed")
 def test_unit_files_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    assert analyze is not None
     superd_bin = shutil.which("superd")
     assert superd_bin is not None, "the superd entry point is not on PATH"
     service = (ROOT / "systemd" / "superd.service").read_text()
@@ -843,6 +844,15 @@ def test_unit_files_verify(tmp_path: Path) -> None:
     assert result.returncode == 0, output
     for line in output.splitlines():
         assert "superd.s" not in line and "Unknown" not in line, output
+
+
+def test_unit_lets_only_the_main_process_notify() -> None:
+    """NotifyAccess=all would let any program superd starts (as any service's
+    user) send MAINPID=, STOPPING=1 or WATCHDOG=1 to systemd on superd's behalf;
+    the hand-over works with main (test_handover_under_systemd_notify_and_watchdog)."""
+    lines = (ROOT / "systemd" / "superd.service").read_text().splitlines()
+    settings = [line.split("=", 1)[1] for line in lines if line.startswith("NotifyAccess=")]
+    assert settings == ["main"]
 
 
 # --- 7. graceful stop --------------------------------------------------------
