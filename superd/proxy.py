@@ -175,6 +175,8 @@ def _could_start(text: bytes, token: bytes) -> bool:
 
 def _decode_v1(line: str, length: int) -> ProxyHeader:
     fields = line.split(" ")
+    if len(fields) < 2:
+        raise ProxyError("v1 header names no protocol")
     protocol = fields[1]
     if protocol == "UNKNOWN":
         return ProxyHeader(1, "LOCAL", "UNKNOWN", None, None, length)

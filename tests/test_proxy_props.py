@@ -7,7 +7,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_proxy_parser import (
     PROXY,
@@ -53,6 +53,11 @@ PREFIXES = st.sampled_from([b"", b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", b"PR
 
 
 @given(st.binary(max_size=600), ACCEPT)
+# found by review: a v1 line with no protocol field raised IndexError, which
+# spun the loop for proxy_timeout (issue 12, finding 1)
+@example(b"PROXY\r\n", "any")
+@example(b"PROXY \r\n", "v1")
+@example(b"P\r\n", "any")
 def test_arbitrary_bytes_never_raise_anything_but_proxy_error(data: bytes, accept: str) -> None:
     result = parse_or_error(data, accept)
     assert result is None or isinstance(result, ProxyHeader)
