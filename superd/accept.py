@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from superd import log as logmod
 from superd.children import Child
 from superd.config import Service
+from superd.guard import Handler
 from superd.internal import TcpSession
 from superd.limits import (
     TokenBucket,
@@ -57,7 +58,9 @@ class Acceptor:
         if state == State.FULL:
             self.full.add(listener)
         if state == State.LISTENING and not was_watched:
-            self.selector.register(listener.sock, _READ, lambda ev: self._on_listener(listener))
+            self.selector.register(listener.sock, _READ, Handler(
+                lambda ev: self._on_listener(listener),
+                lambda: self._backoff(listener, BACKOFF_SECONDS)))
             listener.extra["watched"] = True
         elif state != State.LISTENING and listener.extra.get("watched"):
             self.selector.unregister(listener.sock)
@@ -244,7 +247,9 @@ class Acceptor:
         stats.accepted += 1
         listener.extra.pop("warned", None)
         if svc.internal:
-            session = TcpSession(svc.internal, conn, self.selector, self._session_closed)
+            session = TcpSession(svc.internal, conn, self.selector, self._session_closed,
+                                 timers=self.timers, timeout=svc.timeout,
+                                 idle_timeout=svc.idle_timeout)
             session.service = svc
             session.source = source
             session.peer = _peer_text(peer)

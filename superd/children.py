@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from superd.config import Service
+from superd.guard import Handler
 from superd.listeners import Listener
 from superd.log import StderrReader, client_text
 from superd.spawn import Program
@@ -100,7 +101,8 @@ class Children:
         try:
             if child.pidfd is None:  # the fork path hands back no pidfd
                 child.pidfd = os.pidfd_open(child.pid)
-            self.selector.register(child.pidfd, _READ, lambda ev: self._on_ready(child))
+            self.selector.register(child.pidfd, _READ, Handler(
+                lambda ev: self._on_ready(child), lambda: self._unwatch(child)))
         except OSError as e:
             log.warning("cannot watch %d through a pidfd: %s; relying on SIGCHLD",
                         child.pid, e.strerror)
@@ -111,7 +113,8 @@ class Children:
         if stderr_fd is not None:
             os.set_blocking(stderr_fd, False)
             reader = StderrReader(stderr_fd, child.service.name, child.pid)
-            self.selector.register(stderr_fd, _READ, lambda ev: self._on_stderr(reader))
+            self.selector.register(stderr_fd, _READ, Handler(
+                lambda ev: self._on_stderr(reader), lambda: self._close_stderr(reader)))
         if child.service.timeout:
             child.timer = self.timers.call_later(child.service.timeout,
                                                  lambda: self._expire(child))
@@ -120,8 +123,19 @@ class Children:
 
     def _on_stderr(self, reader: StderrReader) -> None:
         if not reader.read():
-            self.selector.unregister(reader.fd)
-            os.close(reader.fd)
+            self._close_stderr(reader)
+
+    def _close_stderr(self, reader: StderrReader) -> None:
+        self.selector.unregister(reader.fd)
+        os.close(reader.fd)
+
+    def _unwatch(self, child: Child) -> None:
+        """Its pidfd handler failed: reap it on SIGCHLD instead."""
+        if child.pidfd is not None:
+            self.selector.unregister(child.pidfd)
+            os.close(child.pidfd)
+            child.pidfd = None
+        self.unwatched.add(child)
 
     def _expire(self, child: Child) -> None:
         svc = child.service

@@ -17,11 +17,10 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from superd import config as configmod
-from superd import handoff, status
+from superd import guard, handoff, status
 from superd import log as logmod
 from superd.accept import Acceptor
 from superd.children import Children
@@ -30,7 +29,7 @@ from superd.control import ControlServer
 from superd.errors import ConfigError
 from superd.handoff import HandOver, Successor
 from superd.internal import LOOP_PORTS, TcpSession, UdpService
-from superd.limits import Throttle, TokenBucket, access, client_ip
+from superd.limits import Throttle, TokenBucket
 from superd.linger import Linger
 from superd.listeners import (
     Listener,
@@ -89,6 +88,7 @@ class Daemon(Acceptor, HandOver):
         self.pid = os.getpid()
         self.started = time.monotonic()
         self.reloads: Counter[str] = Counter()
+        self.internal_errors: Counter[str] = Counter()
         self.last_reload_ok = 1
         self.control: ControlServer | None = None
         self.metrics: MetricsServer | None = None
@@ -110,7 +110,7 @@ class Daemon(Acceptor, HandOver):
         while not (self.stopping and not self.children and not self.sessions
                    and not (self.control is not None and self.control.sessions)):
             for key, events in self.selector.select(self.timers.timeout()):
-                self._dispatch(key.data, events)
+                self._dispatch(key, events)
             self.timers.run_due()
         self._close_endpoints()
         log.info("superd stopped")
@@ -191,11 +191,20 @@ class Daemon(Acceptor, HandOver):
             log.info("received socket %s/%s%s from LISTEN_FDS", addr, protocol,
                      f" named {h.name}" if h.name else "")
 
-    def _dispatch(self, handler: Callable[[int], None], events: int) -> None:
+    def _dispatch(self, key: selectors.SelectorKey, events: int) -> None:
         try:
-            handler(events)
-        except Exception:  # a bug must not take every service down
-            log.exception("internal error in %r; continuing", handler)
+            key.data(events)
+        except Exception:  # a bug costs what its handler owns, never the loop
+            name = guard.kind(key.data)
+            self.internal_errors[name] += 1
+            count = self.internal_errors[name]
+            if count == 1:
+                log.exception("internal error in %s; what it handled is closed or "
+                              "paused, the loop goes on", name)
+            elif count in (10, 100, 1000, 10_000, 100_000):
+                log.error("internal error in %s: %d so far (the traceback was logged "
+                          "at the first)", name, count)
+            guard.contain(self.selector, self.timers, key)
 
     def _setup_signals(self) -> None:
         rsock, wsock = socket.socketpair()
@@ -344,8 +353,8 @@ class Daemon(Acceptor, HandOver):
                           e.strerror or e)
                 continue
             listener.extra["udp"] = (
-                UdpService(svc.internal, listener.sock, loop_ports,
-                           lambda peer, svc=svc: access(svc, client_ip(peer))[0])
+                UdpService(svc.internal, listener.sock, loop_ports, svc,
+                           rejected=self.stats[svc.name].rejected, throttled=self._throttled)
                 if svc.internal and svc.datagram else None)
             if listener.state in (State.LISTENING, State.FULL):
                 self._set_state(listener, State.LISTENING)

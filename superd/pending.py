@@ -74,6 +74,11 @@ class Pending:
         self.selector.register(self.conn, selectors.EVENT_READ, self)
         self.watching = True
 
+    def failed(self) -> None:
+        """This handler raised (a bug): refuse the connection, as for a bad header."""
+        self._finish()
+        self.on_fail(self, "internal error while reading the PROXY header")
+
     def cancel(self) -> None:
         """Close without a verdict (superd is stopping)."""
         self._finish()
