@@ -1,16 +1,44 @@
-"""Build hook for the optional C extension; everything else is in pyproject.toml.
+"""Build hook for the optional C parts; everything else is in pyproject.toml.
 
 superd._spawn starts programs without ever changing the daemon's own
-credentials (see superd/_spawn.c).  It is optional: on a machine without a
-compiler or Python headers the build of the extension fails with a warning,
-superd installs anyway and starts programs through subprocess's fork path,
-which is as safe and slower.  ``superd check`` and the start-up log say which
-path is in use.
+credentials, and superd-exec (superd/_exec.c) is the small program through
+which a program starts as another user (see both files).  Both are
+optional: on a machine without a compiler or Python headers their build
+fails with a warning, superd installs anyway and starts programs through
+subprocess and a Python trampoline, which is as safe and slower.
+``superd check`` and the start-up log say which path is in use.
 """
 
+import os
+
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildWithHelper(build_ext):
+    """build_ext, then superd-exec next to the extension (in place too)."""
+
+    def run(self) -> None:
+        super().run()
+        try:
+            self._helper()
+        except Exception as e:  # optional, like the extension
+            print(f"warning: superd-exec not built ({e}); superd falls back to subprocess")
+
+    def _helper(self) -> None:
+        out_dir = os.path.dirname(self.get_ext_fullpath("superd._spawn"))
+        objects = self.compiler.compile(["superd/_exec.c"], output_dir=self.build_temp,
+                                        extra_postargs=["-O2", "-Wall"])
+        try:  # static: no dynamic loader to run at every start
+            self.compiler.link_executable(objects, "superd-exec", output_dir=out_dir,
+                                          extra_postargs=["-static"])
+        except Exception:
+            self.compiler.link_executable(objects, "superd-exec", output_dir=out_dir)
+        os.chmod(os.path.join(out_dir, "superd-exec"), 0o755)
+
 
 setup(
+    cmdclass={"build_ext": BuildWithHelper},
     ext_modules=[
         Extension(
             "superd._spawn",
@@ -18,5 +46,5 @@ setup(
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
-    ]
+    ],
 )

@@ -9,20 +9,24 @@
  *
  * The child runs on a stack of its own and makes only raw system calls:
  * every signal to its default disposition, setsid, the descriptors
- * (0 and 1 the connection, 2 the stderr pipe or /dev/null), rlimits, nice,
- * setgroups, setresgid, setresuid, umask, chdir, an empty signal mask,
- * execve.  The identity change happens in the child alone: the daemon's
- * real, effective and saved ids never change, so no process running as a
- * service's uid can ever signal it.  Raw syscalls (not glibc's setresuid,
- * which broadcasts to every thread of the *calling process*) change only
- * the child, which is why this is safe in a vfork child while glibc's
- * wrappers are not (CPython's _posixsubprocess gives up vfork for that
- * reason).
+ * (0 and 1 the connection, 2 the stderr pipe or /dev/null, 3 a status pipe
+ * when asked, everything else close-on-exec), rlimits, nice, umask, chdir,
+ * an empty signal mask, execve.
+ *
+ * The child never takes another user's identity: while the daemon waits
+ * for its exec, a child owned by another user could be stopped (SIGSTOP)
+ * by that user, and the daemon with it.  For another user, Python has the
+ * child exec superd-exec (superd/_exec.c), a separate small program that
+ * switches ids, changes directory and execs the service's program in a
+ * process of its own, reporting a failure on the status pipe, which the
+ * daemon reads from its event loop.  Only root's own groups (user: root)
+ * are set here, with raw syscalls (glibc's setgroups broadcasts to every
+ * thread of the calling process, unsafe in a vfork child).
  *
  * A failing step stores its errno and its name in memory the daemon
- * shares, then _exit(127)s: the daemon reaps that child at once and raises
- * OSError, so an exec failure is reported synchronously.  On success the
- * call returns (pid, pidfd).
+ * shares, then exits 127: the daemon reaps that child at once and raises
+ * OSError, so a failure before exec is reported synchronously.  On success
+ * the call returns (pid, pidfd).
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -42,6 +46,12 @@
 #ifndef CLONE_PIDFD
 #define CLONE_PIDFD 0x00001000
 #endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
 
 #define STACK_SIZE (256 * 1024)
 #define MAX_RLIMITS 16
@@ -53,6 +63,7 @@ struct plan {
     char *const *envp;
     int stdio;
     int err;            /* fd for stderr, or -1 for /dev/null */
+    int status;         /* fd to pass as 3 (superd-exec's status pipe), or -1 */
     const char *cwd;    /* NULL: stay in / */
     int set_ids;
     uid_t uid;
@@ -114,11 +125,16 @@ child_fds(struct plan *p)
     STEP("dup2 stdout", move_fd(p->stdio, 1));
     if (p->err >= 0) {
         STEP("dup2 stderr", move_fd(p->err, 2));
-        return;
+    } else {
+        long fd = syscall(SYS_openat, AT_FDCWD, "/dev/null", O_RDWR | O_CLOEXEC, 0);
+        STEP("open /dev/null", fd);
+        STEP("dup2 stderr", move_fd((int)fd, 2));
     }
-    long fd = syscall(SYS_openat, AT_FDCWD, "/dev/null", O_RDWR | O_CLOEXEC, 0);
-    STEP("open /dev/null", fd);
-    STEP("dup2 stderr", move_fd((int)fd, 2));
+    if (p->status >= 0)  /* last: 0, 1 and 2 already hold their copies */
+        STEP("dup2 status", move_fd(p->status, 3));
+    /* Everything superd opens is close-on-exec; make sure of it for what
+     * anything else (a library) may have opened without. */
+    syscall(SYS_close_range, p->status >= 0 ? 4 : 3, ~0U, CLOSE_RANGE_CLOEXEC);
 }
 
 static int
@@ -187,8 +203,10 @@ clone_child(struct plan *p, int *pidfd)
 
 /* ---- argument conversion (in the daemon, before the clone) ---------- */
 
+/* The char * of each bytes item of *seq*; *keep* receives the sequence
+ * the pointers live in, which the caller holds until after the clone. */
 static char **
-bytes_array(PyObject *seq, const char *what)
+bytes_array(PyObject *seq, const char *what, PyObject **keep)
 {
     PyObject *fast = PySequence_Fast(seq, what);
     if (fast == NULL)
@@ -202,16 +220,16 @@ bytes_array(PyObject *seq, const char *what)
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
-        if (!PyBytes_Check(item)) {
-            PyErr_Format(PyExc_TypeError, "%s: items must be bytes", what);
+        if (!PyBytes_Check(item)
+                || strlen(PyBytes_AS_STRING(item)) != (size_t)PyBytes_GET_SIZE(item)) {
+            PyErr_Format(PyExc_ValueError, "%s: items must be bytes without NUL", what);
             PyMem_Free(arr);
             Py_DECREF(fast);
             return NULL;
         }
-        /* the bytes objects stay alive: the caller holds seq */
         arr[i] = PyBytes_AS_STRING(item);
     }
-    Py_DECREF(fast);
+    *keep = fast;
     return arr;
 }
 
@@ -296,9 +314,11 @@ child_failed(struct plan *p, pid_t pid, int pidfd, PyObject *path_obj)
 }
 
 PyDoc_STRVAR(spawn_doc,
-"spawn(path, argv, envp, stdio, stderr, cwd, ids, umask, nice, rlimits)\n"
+"spawn(path, argv, envp, stdio, stderr, status, cwd, ids, umask, nice, rlimits)\n"
 "-> (pid, pidfd)\n\n"
-"Start *path* with *stdio* as fds 0 and 1 and *stderr* as fd 2 (-1: /dev/null).\n"
+"Start *path* with *stdio* as fds 0 and 1, *stderr* as fd 2 (-1: /dev/null)\n"
+"and *status* as fd 3 (-1: none).  Use *ids* only for root's own identity:\n"
+"the daemon waits for this child's exec, so no other user may own it.\n"
 "*ids* is None or (uid, gid, groups); *cwd* None or bytes; *umask* -1 keeps\n"
 "the daemon's; *nice* None or an int; *rlimits* a sequence of\n"
 "(resource, soft, hard).  Raises OSError with the failing step's errno and\n"
@@ -310,9 +330,9 @@ spawn(PyObject *self, PyObject *args)
     PyObject *path_obj, *argv_obj, *envp_obj, *cwd_obj, *ids_obj, *nice_obj, *rl_obj;
     struct plan p;
     memset(&p, 0, sizeof p);
-    if (!PyArg_ParseTuple(args, "O!OOiiOOiOO", &PyBytes_Type, &path_obj, &argv_obj,
-                          &envp_obj, &p.stdio, &p.err, &cwd_obj, &ids_obj, &p.umask,
-                          &nice_obj, &rl_obj))
+    if (!PyArg_ParseTuple(args, "O!OOiiiOOiOO", &PyBytes_Type, &path_obj, &argv_obj,
+                          &envp_obj, &p.stdio, &p.err, &p.status, &cwd_obj, &ids_obj,
+                          &p.umask, &nice_obj, &rl_obj))
         return NULL;
     p.path = PyBytes_AS_STRING(path_obj);
     if (cwd_obj != Py_None) {
@@ -331,12 +351,19 @@ spawn(PyObject *self, PyObject *args)
 
     gid_t *groups = NULL;
     char **argv = NULL, **envp = NULL;
-    PyObject *result = NULL;
+    PyObject *result = NULL, *keep_argv = NULL, *keep_envp = NULL;
     if (ids_obj != Py_None) {
         unsigned int uid, gid;
         PyObject *groups_obj;
         if (!PyArg_ParseTuple(ids_obj, "IIO", &uid, &gid, &groups_obj))
             return NULL;
+        /* The daemon waits (vfork) until this child has exec'd: a child that
+         * another user owned before exec could be stopped by that user and
+         * the daemon with it.  Other users go through superd-exec. */
+        if (uid != 0)
+            return PyErr_Format(PyExc_ValueError, "ids: only uid 0 here (use superd-exec)");
+        if (gid == (unsigned int)-1)  /* "no change" to setresgid */
+            return PyErr_Format(PyExc_ValueError, "gid must be below 2**32-1");
         if (read_groups(groups_obj, &groups, &p.ngroups) < 0)
             return NULL;
         p.set_ids = 1;
@@ -344,10 +371,10 @@ spawn(PyObject *self, PyObject *args)
         p.gid = gid;
         p.groups = groups;
     }
-    argv = bytes_array(argv_obj, "argv");
+    argv = bytes_array(argv_obj, "argv", &keep_argv);
     if (argv == NULL)
         goto done;
-    envp = bytes_array(envp_obj, "envp");
+    envp = bytes_array(envp_obj, "envp", &keep_envp);
     if (envp == NULL)
         goto done;
     p.argv = argv;
@@ -368,10 +395,19 @@ spawn(PyObject *self, PyObject *args)
         goto done;
     }
     result = Py_BuildValue("(ii)", (int)pid, pidfd);
+    if (result == NULL) {  /* no memory to say so: the program must not run unwatched */
+        kill(pid, SIGKILL);
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+        if (pidfd >= 0)
+            close(pidfd);
+    }
 done:
     PyMem_Free(groups);
     PyMem_Free(argv);
     PyMem_Free(envp);
+    Py_XDECREF(keep_argv);
+    Py_XDECREF(keep_envp);
     return result;
 }
 

@@ -288,15 +288,23 @@ class Acceptor:
 
     def _spawn(self: Daemon, svc: Service, stdio: int, env: dict[str, str], peer: str,
                listener: Listener | None = None) -> Child | None:
+        self.last_spawn_errno = None  # this start's, not an older one's
         try:
             return self.children.start(self.programs[svc.name], stdio, env, peer, listener)
         except OSError as e:
-            self.stats[svc.name].spawn_failures += 1
             self.last_spawn_errno = e.errno
-            self._throttled(f"{svc.name} spawn {e.errno}", logging.ERROR,
-                            "%s: cannot start %s for %s: %s", svc.name, svc.exec[0],
-                            logmod.client_text(peer), failure_text(e))
+            self._start_failed(svc, peer, e)
             return None
+
+    def _start_failed(self: Daemon, svc: Service, peer: str, e: OSError) -> None:
+        self.stats[svc.name].spawn_failures += 1
+        self._throttled(f"{svc.name} spawn {e.errno}", logging.ERROR,
+                        "%s: cannot start %s for %s: %s", svc.name, svc.exec[0],
+                        logmod.client_text(peer), failure_text(e))
+
+    def _start_failed_later(self: Daemon, child: Child, e: OSError) -> None:
+        """superd-exec (another user's program) reported after the spawn returned."""
+        self._start_failed(child.service, child.peer, e)
 
     def _child_exited(self: Daemon, child: Child) -> None:
         svc, code = child.service, child.returncode
@@ -306,7 +314,8 @@ class Acceptor:
         stats.exits[status] += 1
         stats.durations.observe(elapsed)
         client = logmod.client_text(child.peer)
-        log.info("%s[%d] %s: %s after %.3fs", svc.name, child.pid, client, status, elapsed,
+        log_exit = log.debug if child.start_failed else log.info  # said as a start failure
+        log_exit("%s[%d] %s: %s after %.3fs", svc.name, child.pid, client, status, elapsed,
                  extra={"service": svc.name, "pid": child.pid, "client": client,
                         "status": status, "duration": round(elapsed, 6)})
         self._count(svc, -1, child.source)

@@ -21,7 +21,7 @@ from superd.config import Service
 from superd.guard import Handler
 from superd.listeners import Listener
 from superd.log import StderrReader, client_text
-from superd.spawn import Program
+from superd.spawn import Program, read_report
 from superd.timers import Timer, Timers
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class Child:
     signalled: str = ""
     source: tuple[str, str] | None = None
     returncode: int | None = None  # as subprocess: -N for a signal
+    start_failed: bool = False  # superd-exec reported that the program never ran
+    report_fd: int | None = None  # superd-exec's status pipe, until it has spoken
 
     def poll(self) -> int | None:
         """Reap the child if it has exited (waitpid WNOHANG)."""
@@ -62,10 +64,12 @@ class Child:
 
 class Children:
     def __init__(self, selector: selectors.BaseSelector, timers: Timers,
-                 on_exit: Callable[[Child], None]) -> None:
+                 on_exit: Callable[[Child], None],
+                 on_start_failed: Callable[[Child, OSError], None]) -> None:
         self.selector = selector
         self.timers = timers
         self.on_exit = on_exit
+        self.on_start_failed = on_start_failed
         self.running: dict[int, Child] = {}
         self.unwatched: set[Child] = set()  # no pidfd: reaped on SIGCHLD
 
@@ -84,7 +88,7 @@ class Children:
             if svc.stderr == "log":
                 rfd, wfd = os.pipe()
             err = wfd if svc.stderr == "log" else (stdio if svc.stderr == "socket" else None)
-            pid, pidfd = program.start(stdio, env, err)
+            pid, pidfd, status = program.start(stdio, env, err)
         except OSError:
             if rfd is not None:
                 os.close(rfd)
@@ -94,7 +98,30 @@ class Children:
                 os.close(wfd)
         child = Child(pid, svc, listener, peer, time.monotonic(), pidfd)
         self._watch(child, rfd)
+        if status is not None:
+            child.report_fd = status
+            self.selector.register(status, _READ, Handler(
+                lambda ev: self._on_report(child), lambda: self._drop(child)))
         return child
+
+    def _on_report(self, child: Child) -> None:
+        """The later stage (superd-exec) said how its exec went: at end of file
+        the program runs; otherwise it could not start, and says why."""
+        assert child.report_fd is not None
+        try:
+            error = read_report(child.report_fd)
+        except BlockingIOError:
+            return  # nothing yet (never after it exited or exec'd)
+        self._drop(child)
+        if error is not None:
+            child.start_failed = True
+            self.on_start_failed(child, error)
+
+    def _drop(self, child: Child) -> None:
+        if child.report_fd is not None:
+            self.selector.unregister(child.report_fd)
+            os.close(child.report_fd)
+            child.report_fd = None
 
     def _watch(self, child: Child, stderr_fd: int | None) -> None:
         self.running[child.pid] = child
@@ -152,6 +179,8 @@ class Children:
         child.timer = self.timers.call_later(svc.kill_grace, lambda: self._expire(child))
 
     def _on_ready(self, child: Child) -> None:
+        if child.report_fd is not None:  # its report first: it may be why it exited
+            self._on_report(child)
         if child.poll() is not None:
             self._reaped(child)
 

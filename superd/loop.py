@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 _HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
             signal.SIGUSR2, signal.SIGCHLD)
 _READ = selectors.EVENT_READ
+BIND_RETRY_FIRST = 1.0  # seconds before a failed bind is tried again; doubles
+BIND_RETRY_MAX = 60.0
 
 
 class Daemon(Acceptor, HandOver):
@@ -67,7 +69,8 @@ class Daemon(Acceptor, HandOver):
         self.selector = selectors.DefaultSelector()
         self.timers = Timers()
         self.listeners: dict[ListenerKey, Listener] = {}
-        self.children = Children(self.selector, self.timers, self._child_exited)
+        self.children = Children(self.selector, self.timers, self._child_exited,
+                                 self._start_failed_later)
         self.sessions: set[TcpSession] = set()
         self.pending: set[Pending] = set()
         self.linger = Linger(self.selector, self.timers)
@@ -89,6 +92,10 @@ class Daemon(Acceptor, HandOver):
         self.started = time.monotonic()
         self.reloads: Counter[str] = Counter()
         self.internal_errors: Counter[str] = Counter()
+        self.unbound: dict[ListenerKey, tuple[ListenAddr, Service, str]] = {}
+        self.loop_ports: frozenset[int] = LOOP_PORTS
+        self.bind_retry = BIND_RETRY_FIRST
+        self.bind_timer: Timer | None = None
         self.last_reload_ok = 1
         self.control: ControlServer | None = None
         self.metrics: MetricsServer | None = None
@@ -101,9 +108,11 @@ class Daemon(Acceptor, HandOver):
         self._take_handed(handed_sockets())
         self._apply(self.config)
         self._endpoints(self.config)
-        log.info("superd %d ready: %d services, %d listeners; programs start through %s",
+        log.info("superd %d ready: %d services, %d listeners%s; programs start through %s",
                  os.getpid(), sum(s.enabled for s in self.config.services),
-                 len(self.listeners), SPAWN_PATH)
+                 len(self.listeners),
+                 f" ({len(self.unbound)} failed to bind, retrying)" if self.unbound else "",
+                 SPAWN_PATH)
         self.notifier.ready(self.status_line())
         handoff.tell_predecessor()
         self._tick_watchdog()
@@ -155,7 +164,10 @@ class Daemon(Acceptor, HandOver):
             return status.report(self)
         if command == "reload":
             errors = self.reload()
-            return {"ok": not errors, "errors": errors}
+            if errors:
+                return {"ok": False, "errors": errors}
+            # in force, but a listener that failed to bind is a failure too
+            return {"ok": not self.unbound, "applied": True, "errors": self.unbound_text()}
         if command == "stop":
             self.stop("stop requested on the control socket")
             return {"ok": True}
@@ -173,7 +185,9 @@ class Daemon(Acceptor, HandOver):
 
     def status_line(self) -> str:
         services = sum(s.enabled for s in self.config.services)
-        return (f"{services} services, {len(self.listeners)} listeners, "
+        missing = (f" ({len(self.unbound)} failed to bind, retrying)"
+                   if self.unbound else "")
+        return (f"{services} services, {len(self.listeners)} listeners{missing}, "
                 f"{self.total_active} active connections")
 
     def _tick_watchdog(self) -> None:
@@ -264,8 +278,9 @@ class Daemon(Acceptor, HandOver):
         self._endpoints(cfg)
         self.reloads["accepted"] += 1
         self.last_reload_ok = 1
-        log.info("reloaded: %d services, %d listeners",
-                 sum(s.enabled for s in cfg.services), len(self.listeners))
+        log.info("reloaded: %d services, %d listeners%s",
+                 sum(s.enabled for s in cfg.services), len(self.listeners),
+                 f"; {len(self.unbound)} failed to bind" if self.unbound else "")
         self.notifier.ready(self.status_line())
         return []
 
@@ -275,6 +290,8 @@ class Daemon(Acceptor, HandOver):
             self.children.signal_all(signal.SIGTERM)
             return
         self.stopping = True
+        if self.bind_timer is not None:
+            self.bind_timer.cancel()
         self.notifier.stopping()
         log.info("%s: closing listeners; %d program(s) running", why, len(self.children))
         for listener in list(self.listeners.values()):
@@ -336,28 +353,63 @@ class Daemon(Acceptor, HandOver):
                         for s in cfg.services if s.rate}
         loop_ports = LOOP_PORTS | {a.port for s in cfg.services if s.internal and s.datagram
                                    for a in s.listen}
+        self.loop_ports = loop_ports
+        self.unbound = {}
         for key, (addr, svc) in wanted.items():
-            listener = self.listeners.get(key)
-            try:
-                if listener is None and key in self.handed:
-                    listener = adopt_listener(self.handed[key][0].sock, addr, svc,
-                                              own=self.handed[key][0].own)
-                    self.listeners[key] = listener
-                elif listener is None:
-                    listener = open_listener(addr, svc)
-                    self.listeners[key] = listener
-                else:
-                    apply_options(listener, svc)
-            except OSError as e:
-                log.error("%s: cannot listen on %s/%s: %s", svc.name, addr, svc.protocol,
-                          e.strerror or e)
-                continue
-            listener.extra["udp"] = (
-                UdpService(svc.internal, listener.sock, loop_ports, svc,
-                           rejected=self.stats[svc.name].rejected, throttled=self._throttled)
-                if svc.internal and svc.datagram else None)
-            if listener.state in (State.LISTENING, State.FULL):
-                self._set_state(listener, State.LISTENING)
+            why = self._listen(key, addr, svc)
+            if why is not None:
+                log.error("%s: cannot listen on %s/%s: %s; retrying", svc.name, addr,
+                          svc.protocol, why)
+                self.unbound[key] = (addr, svc, why)
+        self.bind_retry = BIND_RETRY_FIRST
+        self._arm_bind_retry()
+
+    def _listen(self, key: ListenerKey, addr: ListenAddr, svc: Service) -> str | None:
+        """Bind, adopt or update one listener; why it failed, or None."""
+        listener = self.listeners.get(key)
+        try:
+            if listener is None and key in self.handed:
+                listener = adopt_listener(self.handed[key][0].sock, addr, svc,
+                                          own=self.handed[key][0].own)
+                self.listeners[key] = listener
+            elif listener is None:
+                listener = open_listener(addr, svc)
+                self.listeners[key] = listener
+            else:
+                apply_options(listener, svc)
+        except OSError as e:
+            return str(e.strerror or e)
+        listener.extra["udp"] = (
+            UdpService(svc.internal, listener.sock, self.loop_ports, svc,
+                       rejected=self.stats[svc.name].rejected, throttled=self._throttled)
+            if svc.internal and svc.datagram else None)
+        if listener.state in (State.LISTENING, State.FULL):
+            self._set_state(listener, State.LISTENING)
+        return None
+
+    def _arm_bind_retry(self) -> None:
+        if self.bind_timer is not None:
+            self.bind_timer.cancel()
+        self.bind_timer = (self.timers.call_later(self.bind_retry, self._retry_binds)
+                           if self.unbound and not self.stopping else None)
+
+    def _retry_binds(self) -> None:
+        """Listeners that failed to bind are tried again, less and less often."""
+        self.bind_timer = None
+        for key, (addr, svc, _) in list(self.unbound.items()):
+            why = self._listen(key, addr, svc)
+            if why is None:
+                del self.unbound[key]
+                log.info("%s: now listening on %s/%s", svc.name, addr, svc.protocol)
+            else:
+                self.unbound[key] = (addr, svc, why)
+        self.bind_retry = min(self.bind_retry * 2, BIND_RETRY_MAX)
+        self._arm_bind_retry()
+        self.notifier.status(self.status_line())
+
+    def unbound_text(self) -> list[str]:
+        return [f"{svc.name}: cannot listen on {addr}/{svc.protocol}: {why}"
+                for addr, svc, why in self.unbound.values()]
 
 
 def _noop(signum: int, frame: object) -> None:

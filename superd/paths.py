@@ -397,9 +397,11 @@ def _listening(d: SafeDir, name: str, path: str) -> bool:
         with socket.socket(socket.AF_UNIX, kind) as probe:
             probe.setblocking(False)
             code = probe.connect_ex(d.via_fd(name))
-        if code in (0, errno.EAGAIN, errno.EINPROGRESS):
+        # EPROTOTYPE: alive, of another type (SOCK_SEQPACKET, say); only a
+        # socket nobody has bound refuses every kind of probe
+        if code in (0, errno.EAGAIN, errno.EINPROGRESS, errno.EPROTOTYPE):
             return True
-        if code not in (errno.ECONNREFUSED, errno.EPROTOTYPE):
+        if code != errno.ECONNREFUSED:
             raise UnsafePath(
                 f"{path}: cannot tell whether anyone listens there "
                 f"({os.strerror(code)}); left alone",
@@ -470,6 +472,11 @@ def _regular(st: os.stat_result, d: SafeDir, path: str) -> None:
         raise UnsafePath(
             f"{path} belongs to uid {st.st_uid}, in {d.path}, a directory "
             "others can write; superd leaves it alone"
+        )
+    if d.shared and st.st_nlink != 1:  # a hard link to a file of root's, say
+        raise UnsafePath(
+            f"{path} has {st.st_nlink} links, in {d.path}, a directory others "
+            "can write; superd writes only to a file of its own"
         )
 
 

@@ -44,23 +44,39 @@ except ImportError:  # built without a compiler: the fork path
 
 log = logging.getLogger(__name__)
 
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "superd-exec")
+HAVE_HELPER = _spawn is not None and os.access(HELPER, os.X_OK)
+
 SPAWN_PATH = (
-    "clone(CLONE_VM|CLONE_VFORK) from the superd._spawn extension" if _spawn is not None
-    else "fork from subprocess (the superd._spawn extension is not built)")
+    "clone(CLONE_VM|CLONE_VFORK) from the superd._spawn extension, other users "
+    "through superd-exec" if HAVE_HELPER
+    else "clone(CLONE_VM|CLONE_VFORK) from the superd._spawn extension, other users "
+    "through subprocess and a Python trampoline (superd-exec is not built)"
+    if _spawn is not None
+    else "subprocess; other users, rlimits and nice through a Python trampoline "
+    "(the superd._spawn extension is not built)")
 
 _TRAMPOLINE = """\
 import os, resource, signal, sys
 a = sys.argv
 i = a.index("--")
 env = dict(os.environ)
+status = None
+step = "start"
 try:
     for spec in a[1:i]:
         k, _, v = spec.partition("=")
-        if k == "rl":
+        step = k
+        if k == "status":
+            status = int(v)
+            os.set_inheritable(status, False)
+        elif k == "rl":
             r, s, h = (int(x) for x in v.split(":"))
             resource.setrlimit(r, (s, h))
         elif k == "nice":
             os.setpriority(os.PRIO_PROCESS, 0, int(v))
+        elif k == "cwd":
+            os.chdir(v)
         elif k == "unset":
             env.pop(v, None)
         elif k == "ids":
@@ -70,9 +86,11 @@ try:
             os.setresuid(int(u), int(u), int(u))
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    step = "execve"
     os.execve(a[i + 1], a[i + 1:], env)
 except OSError as e:
-    sys.stderr.write("superd: cannot start %s: %s\\n" % (a[i + 1], e.strerror))
+    if status is not None:
+        os.write(status, b"%d %s\\n" % (e.errno or 0, step.encode()))
     os._exit(127)
 """
 
@@ -93,55 +111,107 @@ class Program:
     path: bytes
     argv: tuple[bytes, ...]
     env: tuple[bytes, ...]  # "NAME=value", without the connection's variables
-    ids: Ids | None  # the child's uid, gid, groups; None: superd's own
-    cwd: bytes | None  # None: /
+    ids: Ids | None  # root's own identity set in the clone child; None: unchanged
+    cwd: bytes | None  # None: / (or superd-exec changes it)
     rlimits: tuple[tuple[int, int, int], ...]
+    reports: bool  # a later stage (superd-exec, the trampoline) reports on a pipe
+    fork: bool  # through subprocess, not the extension
 
     @classmethod
     def for_service(cls, service: Service) -> Program:
         ident = service.identity
-        ids = ((ident.uid, ident.gid, ident.groups)
-               if ident is not None and ident.switch else None)
         if ident is not None and ident.ignored:
             log.warning("%s: %s", service.name, ignored_text(ident))
-        argv: tuple[str, ...] = service.exec
-        if _spawn is None and (service.rlimits or service.nice):
-            argv, ids = _trampoline_argv(service), None  # it drops privileges itself
+        switch = ident is not None and ident.switch
+        other = switch and ident is not None and ident.uid != 0
+        fork = _spawn is None or (other and not HAVE_HELPER)
+        argv, cwd = service.exec, service.cwd
+        ids: Ids | None = None
+        if other and not fork:
+            argv, cwd = _helper_argv(service), "/"
+        elif fork and (other or service.rlimits or service.nice):
+            argv, cwd = _trampoline_argv(service), "/"  # limits, identity, cwd, exec
+        elif switch and ident is not None:
+            ids = (ident.uid, ident.gid, ident.groups)  # root's own groups
         env = tuple(os.fsencode(f"{k}={v}") for k, v in base_env(service).items()
                     if k not in CONNECTION_VARS)
         return cls(service, os.fsencode(argv[0]), tuple(map(os.fsencode, argv)), env, ids,
-                   None if service.cwd == "/" else os.fsencode(service.cwd),
-                   tuple((RLIMITS[name], soft, hard) for name, soft, hard in service.rlimits))
+                   None if cwd == "/" else os.fsencode(cwd),
+                   tuple((RLIMITS[name], soft, hard) for name, soft, hard in service.rlimits),
+                   reports=argv is not service.exec, fork=fork)
 
     def start(self, stdio: int, conn_env: dict[str, str],
-              stderr: int | None) -> tuple[int, int | None]:
-        """Start the program with *stdio* as fds 0 and 1; return (pid, pidfd).
+              stderr: int | None) -> tuple[int, int | None, int | None]:
+        """Start the program with *stdio* as fds 0 and 1; return (pid, pidfd,
+        status), *status* the read end of the pipe on which a later stage
+        reports a failure (the loop reads it), or None.
 
         *stderr* is the fd for fd 2, or None for /dev/null.  Raises OSError
-        with the errno of the step that failed (exec, a setting, or clone).
+        with the errno of the step that failed before exec.
         """
         env = [*self.env, *(os.fsencode(f"{k}={v}") for k, v in conn_env.items())]
-        svc = self.service
-        if _spawn is not None:
-            return _spawn.spawn(self.path, self.argv, env, stdio,  # type: ignore[no-any-return]
-                                -1 if stderr is None else stderr, self.cwd, self.ids,
-                                -1 if svc.umask == DAEMON_UMASK else svc.umask,
-                                svc.nice or None, self.rlimits)
-        return self._fork(stdio, env, stderr), None
+        rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK) if self.reports else (None, None)
+        try:
+            pid, pidfd = self._start(stdio, env, stderr, wfd)
+        except BaseException:
+            if rfd is not None:
+                os.close(rfd)
+            raise
+        finally:
+            if wfd is not None:
+                os.close(wfd)
+        return pid, pidfd, rfd
 
-    def _fork(self, stdio: int, env: list[bytes], stderr: int | None) -> int:
-        """The path without the extension: subprocess's fork and exec, in C."""
+    def _start(self, stdio: int, env: list[bytes], stderr: int | None,
+               status: int | None) -> tuple[int, int | None]:
+        svc = self.service
+        if self.fork:
+            return self._fork(stdio, env, stderr, status), None
+        return _spawn.spawn(self.path, self.argv, env, stdio,  # type: ignore[no-any-return]
+                            -1 if stderr is None else stderr,
+                            -1 if status is None else status, self.cwd, self.ids,
+                            -1 if svc.umask == DAEMON_UMASK else svc.umask,
+                            svc.nice or None, self.rlimits)
+
+    def _fork(self, stdio: int, env: list[bytes], stderr: int | None,
+              status: int | None) -> int:
+        """Without the extension: subprocess's fork and exec, in C, as root
+        or superd's own user; another user only through the trampoline."""
         uid, gid, groups = self.ids if self.ids is not None else (None, None, None)
+        argv = self.argv if status is None else (*self.argv[:5], b"status=%d" % status,
+                                                 *self.argv[5:])
         proc = subprocess.Popen(
-            self.argv, executable=self.path, stdin=stdio, stdout=stdio,
+            argv, executable=self.path, stdin=stdio, stdout=stdio,
             stderr=subprocess.DEVNULL if stderr is None else stderr,
             env=dict(e.split(b"=", 1) for e in env), cwd=self.cwd, close_fds=True,
+            pass_fds=() if status is None else (status,),
             restore_signals=True, start_new_session=True, umask=self.service.umask,
             user=uid, group=gid, extra_groups=None if groups is None else list(groups))
         # superd reaps its children itself (pidfd, waitpid): mark this object
         # done so that subprocess never waits on the pid, which may be reused.
         proc.returncode = 0
         return proc.pid
+
+
+def read_report(fd: int) -> OSError | None:
+    """What a later stage said on its status pipe: None at end of file (the
+    program was exec'd), else the failure as an OSError with ``step``."""
+    data = os.read(fd, 256)
+    if not data:
+        return None
+    code, _, step = data.decode("ascii", "replace").strip().partition(" ")
+    errno_ = int(code) if code.isdigit() else 0
+    error = OSError(errno_, os.strerror(errno_) if errno_ else "failed")
+    error.step = step or "start"  # type: ignore[attr-defined]
+    return error
+
+
+def _helper_argv(service: Service) -> tuple[str, ...]:
+    ident = service.identity
+    assert ident is not None
+    cwd = "" if service.cwd == "/" else service.cwd
+    return (HELPER, str(ident.uid), str(ident.gid), ",".join(map(str, ident.groups)), cwd,
+            "--", service.exec[0], *service.exec)
 
 
 def ignored_text(ident: Identity) -> str:
@@ -172,6 +242,8 @@ def _trampoline_argv(service: Service) -> tuple[str, ...]:
     ident = service.identity
     if ident is not None and ident.switch:
         specs.append(f"ids={ident.uid}:{ident.gid}:{','.join(map(str, ident.groups))}")
+    if service.cwd != "/":
+        specs.append(f"cwd={service.cwd}")  # after the ids: checked as the user
     if "LC_CTYPE" not in base_env(service):
         specs.append("unset=LC_CTYPE")  # Python's locale coercion (PEP 538) adds it
     return (sys.executable, "-I", "-S", "-c", _TRAMPOLINE, *specs, "--", *service.exec)

@@ -402,3 +402,26 @@ def test_log_file_symlink_is_not_followed(tmp_path: Path) -> None:
     assert code == 1, out
     assert f"{link} is a symbolic link" in out, out
     assert_untouched(secret)
+
+
+def test_a_live_socket_of_another_type_is_not_taken_for_stale(
+    superd: Start, tmp_path: Path
+) -> None:
+    """A SOCK_SEQPACKET listener answers a stream or datagram probe with
+    EPROTOTYPE, which is alive, not stale: superd must not unlink it."""
+    path = tmp_path / "theirs.sock"
+    port = free_port()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as live:
+        live.bind(str(path))
+        live.listen(1)
+        inode = os.lstat(path).st_ino
+        d = superd(f"""
+        services:
+          local: {{listen: {path}, internal: echo}}
+          inet: {{listen: "127.0.0.1:{port}", internal: echo}}
+        """)
+        d.wait_log(rf"cannot listen on {re.escape(str(path))}/tcp: .*in use")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+            client.connect(str(path))  # still theirs
+        assert os.lstat(path).st_ino == inode
+        assert tcp_exchange(port, b"up") == b"up"

@@ -11,6 +11,7 @@ from /proc while it runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -119,7 +120,8 @@ def no_extension(tmp_path: Path) -> dict[str, str]:
     """An environment in which superd is installed without its C extension,
     as on a machine without a compiler: a copy of the package minus the .so."""
     pkg = tmp_path / "nocc" / "superd"
-    shutil.copytree(ROOT / "superd", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(ROOT / "superd", pkg,
+                    ignore=shutil.ignore_patterns("*.so", "superd-exec", "__pycache__"))
     # an editable install would still find the built module in the checkout:
     # make the import fail as it does where it was never built
     (pkg / "_spawn.py").write_text("raise ImportError('superd._spawn is not built')\n")
@@ -144,7 +146,7 @@ def test_without_the_extension_the_fork_path_is_as_safe(superd, no_extension) ->
             umask: "077"
             cwd: /tmp
         """, env=no_extension)
-    assert "programs start through fork from subprocess" in d.log()
+    assert "programs start through subprocess" in d.log()
     assert tcp_exchange(limited) == b"65534\n64\n3\n0077\n/tmp\n"
     _attack_under_load(d, port, 2)
 
@@ -261,3 +263,70 @@ def test_identity_changes_only_in_children_and_clone_keeps_vfork(
     pythons = [line for pid, line in _calls(trace, ("execve",)) if pid != daemon
                and "python" in line and "superd" not in line]
     assert len(execs) >= 3 and pythons == [], trace
+
+
+# --- a service's uid cannot freeze the daemon through a child -------------
+
+FREEZER = """
+import os, signal, sys, time
+superd, prog, seconds = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+os.chmod(prog, 0)  # its owner may: every start now fails after the switch
+stopped = set()
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        kids = open(f"/proc/{superd}/task/{superd}/children").read().split()
+    except OSError:
+        break
+    for pid in map(int, kids):
+        try:
+            os.kill(pid, signal.SIGSTOP)  # allowed only for its own processes
+            stopped.add(pid)
+        except (PermissionError, ProcessLookupError):
+            pass
+print(len(stopped))
+"""
+
+
+@root_only
+def test_a_services_uid_cannot_freeze_the_daemon_by_stopping_a_child(
+        superd, tmp_path: Path) -> None:
+    """The program belongs to the service's user (allowed), who makes every
+    start fail after the identity switch and stops each child it can: the
+    daemon never waits on such a child, so it goes on serving."""
+    prog = tmp_path / "mine.sh"
+    prog.write_text("#!/bin/sh\necho never\n")
+    os.chmod(prog, 0o755)
+    os.chown(prog, NOBODY, NOBODY)
+    port, echo = free_port(), free_port()
+    d = superd(f"""
+        services:
+          victim:
+            listen: 127.0.0.1:{port}
+            exec: [{prog}]
+            user: nobody
+          echo:
+            listen: 127.0.0.1:{echo}
+            internal: echo
+        """)
+    attacker = subprocess.Popen(
+        [SYSTEM_PYTHON, "-I", "-c", FREEZER, str(d.pid), str(prog), "4"],
+        user=NOBODY, group=NOBODY, extra_groups=[], stdout=subprocess.PIPE, text=True)
+    answered = 0
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                tcp_exchange(port, timeout=2)  # closed: the program never starts
+            assert tcp_exchange(echo, b"ping", timeout=5) == b"ping", d.log()
+            answered += 1
+        out, _ = attacker.communicate(timeout=30)
+    finally:
+        for pid in d.children():  # let whatever the attacker stopped go
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert answered >= 20
+    assert int(out) >= 1, "the attack never caught a child: it tested nothing"
+    d.wait_log(r"victim: cannot start .*: Permission denied")
+    assert "exit 127" not in d.log(), "a start failure is said once, as a start failure"
+    assert d.proc.poll() is None
