@@ -311,13 +311,15 @@ class Acceptor:
         status = child.status()
         elapsed = time.monotonic() - child.started
         stats = self.stats.get(svc.name) or self.stats.setdefault(svc.name, ServiceStats())
-        stats.exits[status] += 1
-        stats.durations.observe(elapsed)
         client = logmod.client_text(child.peer)
-        log_exit = log.debug if child.start_failed else log.info  # said as a start failure
-        log_exit("%s[%d] %s: %s after %.3fs", svc.name, child.pid, client, status, elapsed,
-                 extra={"service": svc.name, "pid": child.pid, "client": client,
-                        "status": status, "duration": round(elapsed, 6)})
+        if child.start_failed:  # counted and said as a start failure, not a program's exit
+            log.debug("%s[%d] %s: %s (never started)", svc.name, child.pid, client, status)
+        else:
+            stats.exits[status] += 1
+            stats.durations.observe(elapsed)
+            log.info("%s[%d] %s: %s after %.3fs", svc.name, child.pid, client, status,
+                     elapsed, extra={"service": svc.name, "pid": child.pid, "client": client,
+                                     "status": status, "duration": round(elapsed, 6)})
         self._count(svc, -1, child.source)
         if child.listener is not None:
             self._wait_done(child.listener, code, elapsed)

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--pidfile", metavar="F",
                      help="write the pid here (with --daemon: a locked pidfile; "
                           "default /run/superd.pid as root)")
+    run.add_argument("--log-target", choices=("stderr", "syslog", "file"),
+                     help="where the log goes, over the file's log: target "
+                          "(a --daemon superd passes it on to its successor)")
     run.set_defaults(func=cmd_run)
     check = sub.add_parser("check", help="validate the configuration and show it")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
@@ -175,7 +178,7 @@ def _ask(args: argparse.Namespace, command: str) -> dict[str, object] | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from superd.status import render
+    from superd.status import add_usage, render
 
     reply = _ask(args, "status")
     if reply is None:
@@ -183,6 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not reply.get("ok"):
         print(f"superd: {reply.get('error')}", file=sys.stderr)
         return 1
+    add_usage(reply)  # here, not in the daemon: walking /proc would stall its loop
     print(json.dumps(reply, indent=2) if args.json else render(reply))
     return 0
 
@@ -198,8 +202,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
     assert isinstance(errors, list)
     for line in errors:
         print(line, file=sys.stderr)
-    print("superd: the daemon refused the new configuration and keeps the running one",
-          file=sys.stderr)
+    if reply.get("applied"):
+        print(f"superd: configuration reloaded, but {len(errors)} listener(s) failed to "
+              "bind (the daemon retries them; see superd status)", file=sys.stderr)
+    else:
+        print("superd: the daemon refused the new configuration and keeps the running one",
+              file=sys.stderr)
     return 1
 
 
@@ -264,8 +272,11 @@ def _run_foreground(args: argparse.Namespace, path: str, cfg: Config,
 
     _protect_stdio()
     prepare_daemon()
+    settings = cfg.log
+    if args.log_target is not None:
+        settings = dataclasses.replace(settings, target=args.log_target)
     try:
-        logmod.setup(cfg.log)
+        logmod.setup(settings)
         if args.pidfile:
             daemonize.write_pidfile(args.pidfile)
     except OSError as e:
@@ -285,8 +296,15 @@ def _run_detached(args: argparse.Namespace, path: str, cfg: Config,
 
     pidfile = args.pidfile or daemonize.default_pidfile()
     settings = cfg.log
+    if args.log_target is not None:
+        settings = dataclasses.replace(settings, target=args.log_target)
     if settings.target == "stderr":  # nobody reads a daemon's stderr: use syslog
         settings = dataclasses.replace(settings, target="syslog")
+    if settings.target == "syslog" and logmod.syslog_handler() is None:
+        print(f"superd: --daemon: no syslog listens on {logmod.SYSLOG_SOCKET} here, so "
+              "nothing would read superd's log; set log: {file: PATH} (or run in the "
+              "foreground under systemd)", file=sys.stderr)
+        return 1
     try:
         paths.check_file_place(pidfile)  # before pidfile_holder reads it by name
     except OSError as e:
@@ -303,7 +321,8 @@ def _run_detached(args: argparse.Namespace, path: str, cfg: Config,
         _protect_stdio()
         prepare_daemon()
         logmod.setup(settings)
-        return Daemon(path, cfg, argv[:6] + ["--pidfile", pidfile]).run()
+        successor = [*argv[:6], "--pidfile", pidfile, "--log-target", settings.target]
+        return Daemon(path, cfg, successor).run()
 
 
 def _daemon_output(settings: LogSettings) -> TextIO | None:

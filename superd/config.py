@@ -88,10 +88,12 @@ class Service:
     rlimits: tuple[tuple[str, int, int], ...] = ()
     timeout: float | None = None
     kill_grace: float = 5.0
+    idle_timeout: float = 300.0  # internal tcp sessions: seconds without a byte either way
     max_connections: int = 64
     per_source: int = 16
     source_prefix: tuple[int, int] = (32, 64)
     rate: float | None = None
+    reply_rate: float = 10.0  # internal udp services: replies a second to one source
     on_limit: str = "queue"
     reject_message: str | None = None
     allow: tuple[Network, ...] = ()

@@ -5,8 +5,10 @@ made by :mod:`superd.paths` (mode 0600 from birth; a stale socket is
 replaced, anything else at the path refused) and the peer's credentials
 (``SO_PEERCRED``) are checked: only root and superd's own user are served.
 Served inside the event loop: each connection is a small non-blocking state
-machine with a deadline.  The client side checks the path the same way before
-it connects, so it never talks to a socket someone else planted.
+machine with a deadline (see :mod:`superd.exchange`: at most 8 at once, 2 s
+to deliver the request, back-off when out of descriptors).  The client side
+checks the path the same way before it connects, so it never talks to a
+socket someone else planted.
 """
 
 from __future__ import annotations
@@ -21,15 +23,31 @@ from collections.abc import Callable
 from typing import Any
 
 from superd import paths
-from superd.exchange import Exchange
+from superd.exchange import Endpoint, Exchange
 from superd.timers import Timers
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024
-DEADLINE = 5.0
-_R = selectors.EVENT_READ
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def parse_request(data: bytes) -> dict[str, Any]:
+    """The request object in *data* (its first line; an empty line is ``{}``).
+
+    Pure, for fuzzing: raises :class:`ValueError` for anything that is not a
+    JSON object (bad UTF-8, bad JSON, nesting too deep, another JSON type).
+    """
+    line = data.split(b"\n", 1)[0]
+    if not line:
+        return {}
+    try:
+        request = json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    if not isinstance(request, dict):
+        raise ValueError("not an object")
+    return request
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -37,42 +55,27 @@ def peer_uid(sock: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-class ControlServer:
+class ControlServer(Endpoint):
     def __init__(self, path: str, selector: selectors.BaseSelector, timers: Timers,
                  handler: Handler) -> None:
         self.path = path
-        self.selector = selector
-        self.timers = timers
         self.handler = handler
-        self.sessions: set[_Session] = set()  # open requests: the loop waits for them
-        self.sock, self.ident = _bind(path)
-        selector.register(self.sock, _R, self._on_accept)
+        sock, self.ident = _bind(path)
+        super().__init__("control socket", sock, selector, timers)
 
     def close(self) -> None:
-        for session in list(self.sessions):
-            session.close()
-        self.selector.unregister(self.sock)
-        self.sock.close()
+        super().close()
         paths.remove_socket(self.path, self.ident)
 
-    def _on_accept(self, events: int) -> None:
-        for _ in range(16):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.warning("control socket: accept failed: %s", e.strerror)
-                return
-            _Session(self, conn)
+    def exchange(self, conn: socket.socket) -> Exchange:
+        return _Session(self, conn, peer_uid(conn))
 
 
 class _Session(Exchange):
-    def __init__(self, server: ControlServer, conn: socket.socket) -> None:
+    def __init__(self, server: ControlServer, conn: socket.socket, uid: int) -> None:
         self.server = server
-        self.uid = peer_uid(conn)
-        server.sessions.add(self)
-        super().__init__(conn, server.selector, server.timers, DEADLINE)
+        self.uid = uid
+        super().__init__(conn, server)
 
     def complete(self, data: bytes) -> bool:
         return not data or b"\n" in data or len(self.inbuf) >= MAX_REQUEST
@@ -85,16 +88,10 @@ class _Session(Exchange):
             reply: dict[str, Any] = {"ok": False, "error": "permission denied"}
         else:
             try:
-                request = json.loads(self.inbuf.split(b"\n", 1)[0] or b"{}")
-                if not isinstance(request, dict):
-                    raise ValueError("not an object")
-                reply = self.server.handler(request)
+                reply = self.server.handler(parse_request(self.inbuf))
             except ValueError as e:
                 reply = {"ok": False, "error": f"bad request: {e}"}
         return json.dumps(reply).encode() + b"\n"
-
-    def closed(self) -> None:
-        self.server.sessions.discard(self)
 
 
 def _bind(path: str) -> tuple[socket.socket, paths.Ident]:

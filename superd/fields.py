@@ -35,7 +35,7 @@ SERVICE_KEYS = (
     "max_connections", "per_source", "source_prefix", "rate", "on_limit",
     "reject_message", "allow", "deny", "stderr", "proxy_protocol",
     "proxy_from", "proxy_timeout", "backlog", "reuseport", "keepalive",
-    "nodelay", "mode", "owner", "enabled",
+    "nodelay", "mode", "owner", "enabled", "idle_timeout", "reply_rate",
 )
 # Parsed and validated, but not acted on yet by this version.
 NOT_ENFORCED: frozenset[str] = frozenset()
@@ -649,6 +649,15 @@ def _rate(r: Reader, node: yaml.Node, key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _reply_rate(r: Reader, node: yaml.Node, key: str) -> float | None:
+    value = r._scalar(node, key, ("int", "float"), "replies per second")
+    if value is not None and not 0 < value <= 1_000_000:
+        r.error(node, f"reply_rate: {value} is out of range: more than 0, at most "
+                      "1000000 replies per second")
+        return None
+    return None if value is None else float(value)
+
+
 _PARSERS: dict[str, Callable[[Reader, yaml.Node, str], Any]] = {
     "listen": _listen,
     "protocol": lambda r, n, k: r.choice(n, k, ("tcp", "udp")),
@@ -686,4 +695,6 @@ _PARSERS: dict[str, Callable[[Reader, yaml.Node, str], Any]] = {
     "mode": lambda r, n, k: r.octal(n, k, 0o777),
     "owner": _owner,
     "enabled": Reader.boolean,
+    "idle_timeout": Reader.seconds,
+    "reply_rate": _reply_rate,
 }

@@ -133,7 +133,12 @@ class HandOver:
         log.info("superd %d serves now; closing listeners and waiting for %d program(s)",
                  succ.pid, len(self.children))
         self.notifier.send(f"MAINPID={succ.pid}")
+        # from here systemd hears the successor alone: no WATCHDOG=1 or STATUS=
+        # of ours may hide it if it hangs
+        self.notifier.detach()
         self.stopping = True
+        if self.children:  # as at a stop: running programs get stop_timeout
+            self.timers.call_later(self.config.stop_timeout, self._stop_timeout)
         for listener in list(self.listeners.values()):
             self._set_state(listener, State.CLOSED)
             listener.sock.close()  # shared with the successor: never unlink

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,20 @@ def client_ip(peer: object) -> IPAddress | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+def no_reply_to(ip: IPAddress) -> bool:
+    """True for a source address no datagram should be sent back to: the
+    unspecified address (0.0.0.0/8, ::), multicast, and the IPv4 broadcast
+    and reserved range 240.0.0.0/4 (OpenBSD inetd's dg_badinput).  A
+    subnet's broadcast address cannot be known here; Linux drops datagrams
+    from it, as from multicast sources, as martians before any socket."""
+    if ip.is_unspecified or ip.is_multicast:
+        return True
+    return isinstance(ip, ipaddress.IPv4Address) and (ip in _THIS_NETWORK or ip.is_reserved)
 
 
 def _contains(net: Network, ip: IPAddress) -> bool:
@@ -85,6 +100,8 @@ def source_group(service: Service, ip: IPAddress | None) -> str:
 class TokenBucket:
     """``rate`` tokens a second, holding at most one second's worth."""
 
+    __slots__ = ("rate", "capacity", "tokens", "clock", "last")
+
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.capacity = max(1.0, rate)
@@ -109,6 +126,12 @@ class TokenBucket:
         self._refill()
         return self.tokens >= 1.0
 
+    def full(self) -> bool:
+        """True when the bucket has refilled completely: it is then no
+        different from a new one."""
+        self._refill()
+        return self.tokens >= self.capacity
+
     def wait(self) -> float:
         """Seconds until a token is available."""
         self._refill()
@@ -117,6 +140,48 @@ class TokenBucket:
         # a hair more than the exact quotient, so that floating-point rounding
         # never leaves the bucket just short of a token when the timer fires
         return (1.0 - self.tokens) / self.rate + 5e-10
+
+
+class SourceBuckets:
+    """A :class:`TokenBucket` per source, for at most ``limit`` sources.
+
+    Sources are kept least recently seen first.  One whose bucket has
+    refilled is forgotten as a new source arrives, losing nothing (a new
+    bucket is the same).  When ``limit`` sources were all seen within the
+    refill time, the least recently seen is forgotten anyway and counted in
+    ``forgotten``: memory stays bounded under a flood from spoofed
+    addresses, and nobody is refused for it.  To have one address's bucket
+    refilled that way a sender must first send from ``limit`` others.
+    """
+
+    def __init__(self, rate: float, limit: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.limit = limit
+        self.clock = clock
+        self.forgotten = 0
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, source: str) -> bool:
+        """Take one token from *source*'s bucket; False if it has none."""
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            self._make_room()
+            bucket = self._buckets[source] = TokenBucket(self.rate, self.clock)
+        else:
+            self._buckets.move_to_end(source)
+        return bucket.take()
+
+    def _make_room(self) -> None:
+        buckets = self._buckets
+        while buckets and next(iter(buckets.values())).full():
+            buckets.popitem(last=False)
+        if len(buckets) >= self.limit:
+            buckets.popitem(last=False)
+            self.forgotten += 1
 
 
 @dataclass

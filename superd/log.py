@@ -9,6 +9,7 @@ import logging
 import logging.handlers
 import os
 import secrets
+import socket
 import sys
 import time
 from typing import TextIO
@@ -88,13 +89,12 @@ def setup(settings: LogSettings, stream: TextIO | None = None) -> None:
     """Send superd's log to stderr (or the configured file), replacing handlers.
     Raise OSError if the log file cannot be opened safely."""
     journal = False
+    syslog = syslog_handler() if settings.target == "syslog" else None
     if settings.target == "file" and settings.file:
         handler: logging.Handler = SafeFileHandler(settings.file)
         stamp = True
-    elif settings.target == "syslog":
-        handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-        handler.ident = f"superd[{os.getpid()}]: "
+    elif syslog is not None:
+        handler = syslog
         stamp = False
     else:
         out = stream or sys.stderr
@@ -112,6 +112,30 @@ def setup(settings: LogSettings, stream: TextIO | None = None) -> None:
     log.addHandler(handler)
     log.setLevel(_LEVELS[settings.level])
     log.propagate = False
+    if settings.target == "syslog" and syslog is None:
+        log.warning("log: no syslog listens on %s here; logging to stderr instead",
+                    SYSLOG_SOCKET)
+
+
+SYSLOG_SOCKET = "/dev/log"
+
+
+def syslog_handler() -> logging.Handler | None:
+    """A handler for the local syslog, or None if nothing listens on /dev/log
+    (then every line would print a logging traceback of its own)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(SYSLOG_SOCKET)
+            except OSError:
+                continue
+        handler = logging.handlers.SysLogHandler(
+            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON,
+            socktype=kind)
+        handler.ident = f"superd[{os.getpid()}]: "
+        return handler
+    return None
 
 
 def client_text(peer: str) -> str:

@@ -4,7 +4,9 @@ prometheus-client renders the text format (``generate_latest``) from a
 custom collector that reads the loop's counters at scrape time; there is
 no second thread, so nothing reads loop state while the loop changes it.
 The HTTP side is the least a scraper needs: ``GET /metrics`` (any other
-path is 404), one request per connection, with a deadline.
+path is 404), one request per connection, with the limits of
+:mod:`superd.exchange` (8 scrapes at once, 2 s to send the request).  The
+collector reads counters only: nothing here walks ``/proc``.
 """
 
 from __future__ import annotations
@@ -24,15 +26,27 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from superd.config import ListenAddr
-from superd.exchange import Exchange
+from superd.exchange import Endpoint, Exchange
 from superd.timers import Timers
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_R = selectors.EVENT_READ
+_METHODS = (b"GET", b"HEAD")
 
 
+def parse_request(data: bytes) -> str:
+    """The path of the HTTP request whose head starts *data*.
+
+    Pure, for fuzzing: raises :class:`ValueError` unless the request line is
+    ``GET`` or ``HEAD`` followed by a target.  The target is decoded as
+    Latin-1, so every byte string maps to some path.
+    """
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    parts = line.split(b" ", 2)
+    if len(parts) < 2 or parts[0] not in _METHODS or not parts[1]:
+        raise ValueError("malformed request line")
+    return parts[1].decode("latin-1")
 
 
 class DaemonCollector(Collector):
@@ -83,49 +97,38 @@ class DaemonCollector(Collector):
                                 value=snap["last_reload_ok"])
 
 
-class MetricsServer:
+class MetricsServer(Endpoint):
     def __init__(self, addr: ListenAddr, selector: selectors.BaseSelector, timers: Timers,
                  snapshot: Callable[[], dict]) -> None:  # type: ignore[type-arg]
-        self.selector = selector
-        self.timers = timers
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DaemonCollector(snapshot))
-        host = addr.host or "::"
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and addr.host is None:
-                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            self.sock.bind((host, addr.port))
-            self.sock.listen(64)
-        except OSError:
-            self.sock.close()
-            raise
-        self.sock.setblocking(False)
         self.addr = addr
-        selector.register(self.sock, _R, self._on_accept)
+        super().__init__("metrics", _listen(addr), selector, timers)
 
-    def close(self) -> None:
-        self.selector.unregister(self.sock)
-        self.sock.close()
+    def exchange(self, conn: socket.socket) -> Exchange:
+        return _Scrape(self, conn)
 
-    def _on_accept(self, events: int) -> None:
-        for _ in range(16):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as e:
-                log.warning("metrics: accept failed: %s", e.strerror)
-                return
-            _Scrape(self, conn)
-
-    def render(self, path: bytes) -> bytes:
-        if path.split(b"?", 1)[0] not in (b"/metrics", b"/"):
+    def render(self, path: str) -> bytes:
+        if path.split("?", 1)[0] not in ("/metrics", "/"):
             body = b"not found\n"
             return _response(b"404 Not Found", b"text/plain", body)
         return _response(b"200 OK", CONTENT_TYPE.encode(), generate_latest(self.registry))
+
+
+def _listen(addr: ListenAddr) -> socket.socket:
+    host = addr.host or "::"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and addr.host is None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, addr.port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _response(status: bytes, ctype: bytes, body: bytes) -> bytes:
@@ -139,13 +142,14 @@ class _Scrape(Exchange):
 
     def __init__(self, server: MetricsServer, conn: socket.socket) -> None:
         self.server = server
-        super().__init__(conn, server.selector, server.timers, 10.0)
+        super().__init__(conn, server)
 
     def complete(self, data: bytes) -> bool:
         return not data or b"\r\n\r\n" in self.inbuf or len(self.inbuf) > 16384
 
     def answer(self) -> bytes:
-        parts = self.inbuf.split(b" ", 2)
-        if len(parts) >= 2 and parts[0] in (b"GET", b"HEAD"):
-            return self.server.render(parts[1])
-        return _response(b"400 Bad Request", b"text/plain", b"bad request\n")
+        try:
+            path = parse_request(self.inbuf)
+        except ValueError:
+            return _response(b"400 Bad Request", b"text/plain", b"bad request\n")
+        return self.server.render(path)

@@ -36,6 +36,13 @@ class Notifier:
     def enabled(self) -> bool:
         return self.sock is not None
 
+    def detach(self) -> None:
+        """Say nothing more (the main process is now another superd)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.watchdog_usec = None
+
     def send(self, *fields: str) -> None:
         if self.sock is None:
             return

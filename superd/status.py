@@ -1,7 +1,10 @@
 """What ``superd status`` shows: the report built in the daemon, and its table.
 
-``report()`` runs inside the daemon (from a control request) and reads the
-loop's state; ``render()`` runs in the ``superd status`` client.
+``report()`` runs inside the daemon (from a control request) and reads only
+the loop's own state: each program's pid, client and age, never ``/proc``.
+``add_usage()`` and ``render()`` run in the ``superd status`` client, outside
+the loop: one pass over ``/proc`` adds each program's CPU and RSS (with its
+descendants'), however many programs run.
 """
 
 from __future__ import annotations
@@ -64,34 +67,69 @@ def _connections(daemon: Daemon, name: str, now: float) -> list[dict[str, Any]]:
     rows = []
     for child in daemon.children:
         if child.service.name == name:
-            cpu, rss = _usage(child.pid)
             rows.append({"pid": child.pid, "client": child.peer,
-                         "age": round(now - child.started, 3), "cpu": cpu, "rss": rss})
+                         "age": round(now - child.started, 3), "internal": False})
     for session in daemon.sessions:
         if session.service.name == name:
             rows.append({"pid": daemon.pid, "client": session.peer,
-                         "age": round(now - session.started, 3), "cpu": None, "rss": None})
+                         "age": round(now - session.started, 3), "internal": True})
     return rows
 
 
-def _usage(pid: int) -> tuple[float | None, int | None]:
-    """CPU seconds and RSS bytes of a program and all its descendants."""
+def add_usage(rep: dict[str, Any]) -> None:
+    """Add ``cpu`` (seconds) and ``rss`` (bytes) of each program and all its
+    descendants to the report's connections (None where unknown, and for
+    internal services, which run in the daemon)."""
+    rows = [c for s in rep.get("services", []) for c in s.get("connections", [])]
+    for c in rows:  # a daemon from before "internal" marked its sessions with its own pid
+        c.setdefault("internal", c["pid"] == rep.get("pid"))
+    pids = {c["pid"] for c in rows if not c["internal"]}
+    usage = _tree_usage(pids) if pids else {}
+    for c in rows:
+        c["cpu"], c["rss"] = (None, None) if c["internal"] else usage.get(c["pid"], (None, None))
+
+
+def _tree_usage(roots: set[int]) -> dict[int, tuple[float, int]]:
+    """CPU seconds and RSS bytes of each of *roots* with all its descendants,
+    from one pass over /proc (not one pass per program)."""
+    import psutil
+
+    kids: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    for proc in psutil.process_iter(["ppid", "cpu_times"]):
+        ppid, times = proc.info["ppid"], proc.info["cpu_times"]
+        if ppid is None or times is None:
+            continue
+        kids.setdefault(ppid, []).append(proc.pid)
+        cpu[proc.pid] = (times.user + times.system
+                         + times.children_user + times.children_system)
+    result = {}
+    for root in roots & cpu.keys():
+        tree = _descendants(root, kids)
+        rss = sum(_rss(pid) for pid in tree)
+        result[root] = (round(sum(cpu.get(pid, 0.0) for pid in tree), 3), rss)
+    return result
+
+
+def _descendants(root: int, kids: dict[int, list[int]]) -> list[int]:
+    tree, todo, seen = [], [root], {root}
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        for kid in kids.get(pid, ()):
+            if kid not in seen:
+                seen.add(kid)
+                todo.append(kid)
+    return tree
+
+
+def _rss(pid: int) -> int:
     import psutil
 
     try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
+        return int(psutil.Process(pid).memory_info().rss)
     except psutil.Error:
-        return None, None
-    cpu, rss = 0.0, 0
-    for p in procs:
-        try:
-            times = p.cpu_times()
-            cpu += times.user + times.system + times.children_user + times.children_system
-            rss += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return round(cpu, 3), rss
+        return 0
 
 
 def render(rep: dict[str, Any]) -> str:

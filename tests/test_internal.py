@@ -556,7 +556,9 @@ def test_udp_daytime_and_time_formats(superd: Start) -> None:
 
 
 def test_udp_chargen_datagram_of_printable_chars(superd: Start) -> None:
-    d, ports = start_all(superd)
+    # 200 requests back to back are a benchmark, not a client: over the
+    # default reply_rate (10 a second per source), so this test raises it
+    d, ports = start_all(superd, extra="reply_rate: 1000")
     with udp_client() as s:
         for i in range(200):  # past a full cycle of starting lines
             data = udp_ask(s, ("127.0.0.1", ports["chargen"]), f"{i}".encode())
@@ -765,3 +767,94 @@ def test_fd_count_flat_over_abrupt_internal_clients(superd: Start) -> None:
     # and the services still work
     assert tcp_exchange(ports["echo"], b"ok", timeout=TIMEOUT) == b"ok"
     assert daemon_alive(d)
+
+
+# --- 11. Internal TCP sessions end: idle_timeout and timeout ----------------------
+
+
+def test_tcp_idle_clients_are_closed_and_free_max_connections(superd: Start) -> None:
+    """Clients that connect and never send cannot hold max_connections: after
+    idle_timeout they are closed (logged) and a queued client is served
+    (finding 9: 64 idle clients held the service forever)."""
+    port = free_port()
+    d = superd(f"""
+    services:
+      echo:
+        internal: echo
+        listen: "127.0.0.1:{port}"
+        max_connections: 2
+        idle_timeout: 1
+    """)
+    with tcp_client(port) as a, tcp_client(port) as b, tcp_client(port) as queued:
+        queued.sendall(b"let me in")
+        for s in (a, b):
+            assert read_to_end(s) == (b"", False)  # closed by superd, not reset
+        assert recv_exact(queued, 9) == b"let me in"
+    d.wait_log(r"echo: closed 127\.0\.0\.1:\d+ after 1s without a byte either way "
+               r"\(idle_timeout\)", count=2)
+    assert daemon_alive(d)
+
+
+def test_tcp_busy_session_ends_at_timeout(superd: Start) -> None:
+    """timeout: on an internal service closes a session after that long even
+    while bytes flow (it used to be accepted and ignored)."""
+    port = free_port()
+    d = superd(f"""
+    services:
+      echo:
+        internal: echo
+        listen: "127.0.0.1:{port}"
+        timeout: 1
+    """)
+    echoed, closed = 0, False
+    with tcp_client(port) as s:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not closed:
+            try:
+                s.sendall(b".")
+                closed = s.recv(1) == b""
+                echoed += not closed
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            time.sleep(0.05)
+    assert closed, f"still open after {echoed} echoes"
+    assert echoed > 0
+    d.wait_log(r"echo: closed 127\.0\.0\.1:\d+ after 1s \(timeout\)")
+    assert daemon_alive(d)
+
+
+def test_tcp_idle_deadline_moves_with_every_byte_either_way() -> None:
+    """TcpSession on a fake clock: the idle deadline counts from the last
+    byte in or out, not from the start."""
+    import selectors
+
+    from superd.internal import TcpSession
+    from superd.timers import Timers
+
+    now = [100.0]
+    timers = Timers(clock=lambda: now[0])
+    selector = selectors.DefaultSelector()
+    ours, client = socket.socketpair()
+    closed: list[TcpSession] = []
+    session = TcpSession("echo", ours, selector, closed.append, timers=timers,
+                         idle_timeout=300.0)
+    try:
+        session.start()
+        for _ in range(3):  # 3 x 200 s, with a byte each time
+            now[0] += 200.0
+            timers.run_due()
+            client.sendall(b"x")
+            session(selectors.EVENT_READ)
+            assert client.recv(1) == b"x"
+        now[0] += 299.0
+        timers.run_due()
+        assert not closed
+        assert timers.timeout() == 1.0  # 300 s after the last byte, not the first
+        now[0] += 1.0
+        timers.run_due()
+        assert closed == [session]
+        assert client.recv(1) == b""
+    finally:
+        session.close()
+        client.close()
+        selector.close()

@@ -698,6 +698,44 @@ def test_handover_under_systemd_notify_and_watchdog(superd: Start, tmp_path: Pat
                 _stop_pid(pid)
 
 
+def test_after_handover_the_old_process_applies_stop_timeout_and_goes_quiet(
+        superd: Start, tmp_path: Path) -> None:
+    """Issue 12, finding 10: the old process waited for ever for long programs,
+    and kept sending WATCHDOG=1 and STATUS= that could hide a hung successor."""
+    port = free_port()
+    script(tmp_path, "long.sh", "echo start\nsleep 60\n")
+    notify = NotifySocket(str(tmp_path / "notify.sock"), creds=True)
+    d = superd(_config(tmp_path, f"""
+        long: {{listen: "127.0.0.1:{port}", exec: [{tmp_path}/long.sh], kill_grace: 1}}
+    """, stop_timeout="1"), start=False)
+    argv = ["/bin/sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"', "sh",
+            sys.executable, "-m", "superd", "run", "-c", str(d.config_path)]
+    _popen_logged(d, argv, env=_env(NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="400000"))
+    old = d.pid
+    new: int | None = None
+    client = None
+    try:
+        notify.wait_for(lambda lines, pid: lines[0] == "READY=1" and pid == old)
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert _read_line(client) == b"start\n"
+        os.kill(old, signal.SIGUSR2)
+        new = _successor_pid(d)
+        notify.wait_for(lambda lines, pid: lines == [f"MAINPID={new}"] and pid == old)
+        switch = len(notify.seen)
+        assert d.proc is not None
+        assert d.proc.wait(20) == 0, "the old process must not wait for ever: " + d.log()
+        d.wait_log(r"stop_timeout: sending SIGTERM to 1 program")
+        assert [m for m in notify.seen[switch:] if m[1] == old] == []
+    finally:
+        if client is not None:
+            client.close()
+        notify.close()
+        _stop_pid(new)
+        for pid in _pids_running(d.config_path):
+            if pid != old:
+                _stop_pid(pid)
+
+
 # --- 4. --daemon --pidfile ----------------------------------------------------
 
 

@@ -1,0 +1,73 @@
+"""A failure is never reported as success (issue 12, finding 12).
+
+Before, a listener that failed to bind at start-up was logged once and
+never tried again (the daemon said "ready" with the listeners it had), and
+``superd reload`` printed "configuration reloaded" and exited 0 when a new
+listener failed to bind.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from conftest import free_port, run_superd, tcp_exchange, wait_until
+
+
+def _occupy(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", port))
+    s.listen(1)
+    return s
+
+
+def test_a_listener_that_failed_to_bind_is_retried_and_said(superd) -> None:
+    port, echo = free_port(), free_port()
+    holder = _occupy(port)
+    try:
+        d = superd(f"""
+            services:
+              late:
+                listen: 127.0.0.1:{port}
+                internal: echo
+              echo:
+                listen: 127.0.0.1:{echo}
+                internal: echo
+            """)
+        d.wait_log(rf"late: cannot listen on 127.0.0.1:{port}/tcp: .*; retrying")
+        assert "ready: 2 services, 1 listeners (1 failed to bind, retrying)" in d.log()
+        status = run_superd("status", "-c", str(d.config_path))
+        assert status.returncode == 0, status.stderr
+        assert tcp_exchange(echo, b"up") == b"up"
+    finally:
+        holder.close()
+    d.wait_log(rf"late: now listening on 127.0.0.1:{port}/tcp", timeout=15)
+    assert tcp_exchange(port, b"late") == b"late"
+
+
+def test_reload_exits_1_and_names_the_listener_that_failed(superd) -> None:
+    port, echo = free_port(), free_port()
+    d = superd(f"""
+        services:
+          echo:
+            listen: 127.0.0.1:{echo}
+            internal: echo
+        """)
+    holder = _occupy(port)
+    try:
+        d.write_config(f"""
+            services:
+              echo:
+                listen: 127.0.0.1:{echo}
+                internal: echo
+              late:
+                listen: 127.0.0.1:{port}
+                internal: echo
+            """)
+        result = run_superd("reload", "-c", str(d.config_path))
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert f"late: cannot listen on 127.0.0.1:{port}/tcp" in result.stderr
+        assert "configuration reloaded, but 1 listener(s) failed to bind" in result.stderr
+        assert tcp_exchange(echo, b"still") == b"still"
+    finally:
+        holder.close()
+    assert wait_until(lambda: "late: now listening" in d.log(), 15), d.log()
