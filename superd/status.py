@@ -55,6 +55,8 @@ def _state(enabled: bool, listeners: list, wanted: set, daemon: Daemon) -> str: 
     if daemon.stopping:
         return "stopping"
     keys = {lst.key for lst in listeners}
+    if wanted & daemon.unbound.keys():
+        return "failed to bind, retrying"
     if not listeners or (not daemon.handed and wanted - keys):
         return "failed to bind"
     states = [lst.state for lst in listeners]

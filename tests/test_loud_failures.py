@@ -8,8 +8,11 @@ listener failed to bind.
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
+import pytest
 from conftest import free_port, run_superd, tcp_exchange, wait_until
 
 
@@ -37,6 +40,8 @@ def test_a_listener_that_failed_to_bind_is_retried_and_said(superd) -> None:
         assert "ready: 2 services, 1 listeners (1 failed to bind, retrying)" in d.log()
         status = run_superd("status", "-c", str(d.config_path))
         assert status.returncode == 0, status.stderr
+        row = next(line for line in status.stdout.splitlines() if line.startswith("late "))
+        assert "failed to bind, retrying" in row, status.stdout
         assert tcp_exchange(echo, b"up") == b"up"
     finally:
         holder.close()
@@ -71,3 +76,44 @@ def test_reload_exits_1_and_names_the_listener_that_failed(superd) -> None:
     finally:
         holder.close()
     assert wait_until(lambda: "late: now listening" in d.log(), 15), d.log()
+
+
+no_syslog = pytest.mark.skipif(os.path.exists("/dev/log"),
+                               reason="a syslog listens on /dev/log here")
+
+
+@no_syslog
+def test_syslog_target_without_syslog_warns_once_and_logs_to_stderr(superd) -> None:
+    """Before, every log line printed a logging traceback of its own."""
+    echo = free_port()
+    d = superd(f"""
+        log: {{target: syslog}}
+        services:
+          echo:
+            listen: 127.0.0.1:{echo}
+            internal: echo
+        """)
+    for _ in range(3):
+        assert tcp_exchange(echo, b"x") == b"x"
+    d.reload()
+    log = d.log()
+    assert log.count("no syslog listens on /dev/log here; logging to stderr") == 1, log
+    assert "Traceback" not in log and "--- Logging error ---" not in log, log
+    assert "reloaded:" in log
+
+
+@no_syslog
+def test_daemon_mode_with_nowhere_to_log_is_refused(tmp_path: Path) -> None:
+    """Before, --daemon without a log file logged to a syslog that was not
+    there: every line was lost without a word."""
+    echo = free_port()
+    config = tmp_path / "superd.yaml"
+    config.write_text(f"control: {tmp_path}/control.sock\nservices:\n"
+                      f"  echo: {{listen: '127.0.0.1:{echo}', internal: echo}}\n")
+    os.chmod(config, 0o644)
+    result = run_superd("run", "--daemon", "--pidfile", str(tmp_path / "superd.pid"),
+                        "-c", str(config), timeout=30)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "no syslog listens on /dev/log" in result.stderr
+    assert "log: {file: PATH}" in result.stderr
+    assert not (tmp_path / "superd.pid").exists()

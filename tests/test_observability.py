@@ -249,7 +249,7 @@ def test_status_json_and_table_with_live_connections(superd: StartSuperd,
         assert off["state"] == "disabled"
         assert off["listeners"] == [] and off["connections"] == []
         taken = _service(rep, "taken")
-        assert taken["state"] == "failed to bind"
+        assert taken["state"] == "failed to bind, retrying"
         assert taken["listeners"] == []
 
         # the same report as a table
