@@ -266,7 +266,7 @@ def test_status_json_and_table_with_live_connections(superd: StartSuperd,
         assert rows["hold"] == ["hold", "listening", f"127.0.0.1:{p_hold}/tcp", "3", "3",
                                 "denied=1", "0", "-"]
         assert rows["off"] == ["off", "disabled", "-", "0", "0", "0", "0", "-"]
-        assert rows["taken"] == ["taken", "failed to bind", "-", "0", "0", "0", "0", "-"]
+        assert rows["taken"] == ["taken", "failed to bind, retrying", "-", "0", "0", "0", "0", "-"]
         assert lines[5] == ""
         cheader = lines[6]
         assert cheader.split() == ["SERVICE", "PID", "CLIENT", "AGE", "CPU", "RSS"]
