@@ -142,8 +142,25 @@ class Config:
 
 
 def load(path: str) -> Config:
-    """Read and validate the configuration at *path*."""
+    """Read and validate the configuration at *path*.
+
+    Whatever the file holds, the answer is a Config or a ConfigError: a
+    reload must never take the daemon down.  Nesting is bounded before
+    anything is built (superd.yamlfile); should a file still exhaust the
+    stack or the memory, that too is a problem with the file.
+    """
     path = os.path.abspath(path)
+    try:
+        return _load(path)
+    except RecursionError:
+        raise ConfigError([ConfigProblem(
+            path, 1, 1, "nested too deep to read (Python's recursion limit); refused")]) from None
+    except MemoryError:
+        raise ConfigError([ConfigProblem(
+            path, 1, 1, "too large to read (out of memory); refused")]) from None
+
+
+def _load(path: str) -> Config:
     fields.LOAD_GENERATION[0] += 1
     problems: list[ConfigProblem] = []
     root = _read(path, Where(path, 1, 1), "this file")

@@ -11,6 +11,7 @@ import difflib
 import functools
 import grp
 import ipaddress
+import math
 import os
 import pwd
 import re
@@ -48,6 +49,16 @@ RLIMITS = {
     "memlock": resource.RLIMIT_MEMLOCK,
 }
 SIZE_RLIMITS = frozenset({"as", "fsize", "core", "data", "stack", "memlock"})
+# The largest finite limit (rlim_t is 64 bits; all ones is RLIM_INFINITY, and
+# Python's setrlimit takes a signed 64-bit value).
+MAX_RLIMIT = 2**63 - 1
+MAX_SECONDS = 365 * 86400  # durations: more than 0, at most a year
+MAX_RATE = 1_000_000.0  # connections (or replies) a second
+MIN_RATE = 1e-6  # about one every 11.6 days: 1/rate is a delay on the timer heap
+# No number superd takes is written with more characters than this; longer
+# ones are refused unread (int() of 5,000 digits raises, and YAML 1.1's
+# base-60 "1:2:3..." of 200,000 parts takes minutes to compute).
+MAX_NUMBER_TEXT = 40
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -111,13 +122,20 @@ class Reader:
     def _scalar(self, node: yaml.Node, key: str, tags: tuple[str, ...],
                 want: str) -> Any:
         if isinstance(node, yaml.ScalarNode) and node.tag.rsplit(":", 1)[-1] in tags:
+            if too_long(node) and node.tag.rsplit(":", 1)[-1] in ("int", "float"):
+                self.error(node, f"{key}: {_shown(node.value)} is out of range")
+                return None
             return scalar(node)
         self.error(node, f"{key}: expected {want}, got {kind(node)}")
         return None
 
     def string(self, node: yaml.Node, key: str) -> str | None:
-        value = self._scalar(node, key, ("str", "int", "float"), "a string")
-        return None if value is None else str(node.value)
+        # as written, never constructed: `user: 1:2:3...` is a YAML 1.1 number
+        if isinstance(node, yaml.ScalarNode) and node.tag.rsplit(":", 1)[-1] in (
+                "str", "int", "float"):
+            return str(node.value)
+        self.error(node, f"{key}: expected a string, got {kind(node)}")
+        return None
 
     def boolean(self, node: yaml.Node, key: str) -> bool | None:
         return self._scalar(node, key, ("bool",), "true or false")
@@ -134,8 +152,25 @@ class Reader:
 
     def seconds(self, node: yaml.Node, key: str) -> float | None:
         value = self._scalar(node, key, ("int", "float"), "a number of seconds")
-        if value is not None and not 0 < value <= 365 * 86400:
+        if value is None:
+            return None
+        if not math.isfinite(value):
+            self.error(node, f"{key}: {value} is not a finite number of seconds")
+        elif value <= 0:
             self.error(node, f"{key}: {value} must be more than 0 seconds")
+        elif value > MAX_SECONDS:
+            self.error(node, f"{key}: {value} is out of range: at most {MAX_SECONDS} "
+                             "seconds (365 days)")
+        else:
+            return float(value)
+        return None
+
+    def per_second(self, node: yaml.Node, key: str, what: str) -> float | None:
+        """A rate: finite, at least MIN_RATE (1/rate is a delay), at most MAX_RATE."""
+        value = self._scalar(node, key, ("int", "float"), f"{what} per second")
+        if value is not None and not MIN_RATE <= value <= MAX_RATE:
+            self.error(node, f"{key}: {value} is out of range: at least {MIN_RATE:f}, "
+                             f"at most {MAX_RATE:.0f} {what} per second")
             return None
         return None if value is None else float(value)
 
@@ -148,6 +183,10 @@ class Reader:
 
     def octal(self, node: yaml.Node, key: str, high: int) -> int | None:
         if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":int"):
+            if too_long(node):
+                self.error(node, f"{key}: {_shown(node.value)} is not an octal mode "
+                                 f"up to {high:o}")
+                return None
             self.error(node, f'{key}: write it as a quoted octal string such as '
                              f'"{node.value.zfill(3)}" (unquoted, YAML reads '
                              f'{node.value} as the number {scalar(node)})')
@@ -245,8 +284,8 @@ def parse_listen(text: str, protocol: str | None) -> Any:
 
 def port_number(port: str, protocol: str | None) -> int | str:
     if _number(port):
-        value = int(port)
-        return value if 0 < value < 65536 else f"port {value} is out of range 1..65535"
+        value = int(port) if len(port) <= MAX_NUMBER_TEXT else 0  # int() of 5,000 digits raises
+        return value if 0 < value < 65536 else f"port {_shown(port)} is out of range 1..65535"
     try:
         if protocol is None:
             return socket.getservbyname(port)
@@ -590,20 +629,50 @@ def _limit_value(r: Reader, node: yaml.Node, name: str) -> int | None:
     if isinstance(node, yaml.ScalarNode) and node.value in ("unlimited", "infinity"):
         return resource.RLIM_INFINITY
     if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":int"):
-        value = scalar(node)
-        if value < 0:
+        value = r._scalar(node, f"rlimits.{name}", ("int",), "a whole number")
+        if value is not None and value < 0:
             r.error(node, f"rlimits.{name}: must not be negative")
             return None
-        return value
+        return _limit_in_range(r, node, name, value)
     text = r.string(node, f"rlimits.{name}")
     m = _SIZE.match(text or "")
-    if text is not None and (m is None or name not in SIZE_RLIMITS):
+    if text is not None and (m is None or name not in SIZE_RLIMITS or too_long(node)):
         unit = " (sizes take K, M or G)" if name in SIZE_RLIMITS else ""
-        r.error(node, f"rlimits.{name}: '{text}' is not a number or unlimited{unit}")
+        r.error(node, f"rlimits.{name}: '{_shown(text)}' is not a number or unlimited{unit}")
         return None
     if m is None:
         return None
-    return int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    value = int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    return _limit_in_range(r, node, name, value)
+
+
+def _limit_in_range(r: Reader, node: yaml.Node, name: str, value: int | None) -> int | None:
+    """*value*, if the kernel can take it as a finite limit of *name*."""
+    high = nr_open() if name == "nofile" else MAX_RLIMIT
+    if value is not None and value > high:
+        why = " (the kernel's fs.nr_open)" if name == "nofile" else ""
+        r.error(node, f"rlimits.{name}: {value} is out of range 0..{high}{why}; "
+                      "write unlimited for no limit")
+        return None
+    return value
+
+
+def nr_open() -> int:
+    """The most descriptors the kernel lets a process have (1048576 unless set)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024 * 1024
+
+
+def too_long(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and len(node.value) > MAX_NUMBER_TEXT
+
+
+def _shown(text: str) -> str:
+    """*text* for a message: a number too long to read is cut short."""
+    return text if len(text) <= MAX_NUMBER_TEXT else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _source_prefix(r: Reader, node: yaml.Node, key: str) -> tuple[int, int] | None:
@@ -642,20 +711,11 @@ def _owner(r: Reader, node: yaml.Node, key: str) -> tuple[int, int] | None:
 
 
 def _rate(r: Reader, node: yaml.Node, key: str) -> float | None:
-    value = r._scalar(node, key, ("int", "float"), "connections per second")
-    if value is not None and value <= 0:
-        r.error(node, "rate: must be more than 0 connections per second")
-        return None
-    return None if value is None else float(value)
+    return r.per_second(node, key, "connections")
 
 
 def _reply_rate(r: Reader, node: yaml.Node, key: str) -> float | None:
-    value = r._scalar(node, key, ("int", "float"), "replies per second")
-    if value is not None and not 0 < value <= 1_000_000:
-        r.error(node, f"reply_rate: {value} is out of range: more than 0, at most "
-                      "1000000 replies per second")
-        return None
-    return None if value is None else float(value)
+    return r.per_second(node, key, "replies")
 
 
 _PARSERS: dict[str, Callable[[Reader, yaml.Node, str], Any]] = {

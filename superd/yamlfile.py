@@ -4,6 +4,14 @@ The configuration is validated from the node graph rather than from plain
 Python values so that every error can name ``FILE:LINE:COL``.  Only the
 YAML 1.1 core tags are accepted; aliases are allowed but the walk over the
 graph is bounded, so an alias bomb is reported instead of expanded.
+
+Nesting is bounded too, before anything is built: the parser's event
+stream (iterative, in libyaml as in PyYAML's pure-Python parser) is
+counted first, and only a file at most MAX_DEPTH levels deep is composed.
+Composing is recursive (in C in the C loader: a file 200,000 levels deep
+overflowed its stack and killed the process).  Scalars are constructed
+with no cache: a constructor kept for the process would hold every node of
+every file it had read.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from superd.errors import ConfigProblem
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 MAX_NODES = 100_000
+MAX_DEPTH = 64  # mappings and lists inside one another; superd's own files use 5
 
 try:
     _Loader: type = yaml.CSafeLoader
@@ -27,7 +36,10 @@ _TAG = "tag:yaml.org,2002:"
 SCALAR_TAGS = frozenset(
     _TAG + t for t in ("null", "bool", "int", "float", "str", "timestamp")
 )
-_constructor = yaml.constructor.SafeConstructor()
+_OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+_TOO_DEEP = f"nested too deep (more than {MAX_DEPTH} levels)"
+_LIBYAML_TOO_DEEP = "exceeded maximum nesting depth"  # libyaml's own limit (1000)
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,10 @@ def load_nodes(path: str, data: bytes | None = None) -> yaml.Node:
         raise ConfigError([ConfigProblem(path, 1, 1, "file is larger than 4 MiB")])
     text = _decode(path, data)
     try:
+        too_deep = _too_deep(text)
+        if too_deep is not None:
+            raise ConfigError([ConfigProblem(path, too_deep.line + 1, too_deep.column + 1,
+                                             _TOO_DEEP)])
         root = yaml.compose(text, Loader=_Loader)
     except yaml.reader.ReaderError as e:
         line, col = _position(text, e.position)
@@ -78,7 +94,8 @@ def load_nodes(path: str, data: bytes | None = None) -> yaml.Node:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise ConfigError([ConfigProblem(path, line, col, f"YAML: {e.problem}")]) from None
+        message = _TOO_DEEP if e.problem == _LIBYAML_TOO_DEEP else f"YAML: {e.problem}"
+        raise ConfigError([ConfigProblem(path, line, col, message)]) from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError([ConfigProblem(path, 1, 1, f"YAML: {first}")]) from None
@@ -88,6 +105,26 @@ def load_nodes(path: str, data: bytes | None = None) -> yaml.Node:
     if problems:
         raise ConfigError(problems)
     return root
+
+
+def _too_deep(text: str) -> yaml.Mark | None:
+    """Where *text* first nests more than MAX_DEPTH levels, or None.
+
+    Only the parser runs: it keeps its nesting in a list (libyaml: an array),
+    never on the C or Python stack, and it is stopped at the first level too
+    many, so a 4 MiB file of brackets costs no more than the thousand or so
+    characters the scanner looks ahead.  A wheel's libyaml may refuse first,
+    at 1,000 levels: load_nodes reports that in the same words.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return event.start_mark
+        elif isinstance(event, _CLOSE):
+            depth -= 1
+    return None
 
 
 def _position(text: str, index: int) -> tuple[int, int]:
@@ -140,8 +177,12 @@ def check_graph(root: yaml.Node, path: str) -> list[ConfigProblem]:
 
 
 def scalar(node: yaml.ScalarNode) -> Any:
-    """The Python value of a scalar node (str, int, float, bool, None...)."""
-    return _constructor.construct_object(node, deep=True)
+    """The Python value of a scalar node (str, int, float, bool, None...).
+
+    A fresh constructor each time: SafeConstructor caches every node it has
+    built, and one kept for the process grew with every reload.
+    """
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
 
 def kind(node: yaml.Node) -> str:

@@ -7,18 +7,22 @@ finding the offending token in it.
 
 from __future__ import annotations
 
+import glob
 import os
 import pwd
 import re
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run_superd
+import yaml
+from conftest import ROOT, free_port, run_superd, tcp_exchange
 
 from superd import config as configmod
-from superd import fields
+from superd import fields, yamlfile
+from superd.errors import ConfigError
 
 TRACEBACK = "Traceback"
 # The user the test files name for exec services that are not about identity:
@@ -819,3 +823,213 @@ def test_root_refuses_world_writable_program(tmp_path: Path, mode: int) -> None:
     assert_one(check(path), path, locate(text, "["),
                f"exec: refused: the program runs as nobody and {prog} is writable by its "
                f"group or others (mode {mode:04o})")
+
+
+# --- files that cannot hurt: nesting depth, numbers out of range ---------------
+
+DEEP = 200_000  # levels: 400 KB of "- ", the file that killed the daemon
+
+
+def deep_list(levels: int) -> str:
+    return "- " * levels + "x\n"
+
+
+def nested_mappings(levels: int) -> str:
+    return "".join(" " * i + "a:\n" for i in range(levels)) + " " * levels + "b\n"
+
+
+def without_libyaml_limit(tmp_path: Path) -> dict[str, str] | None:
+    """An environment whose PyYAML uses a libyaml with no nesting limit.
+
+    The wheel's bundled libyaml stops at 1,000 levels, which hid the crash:
+    PyYAML built on a distribution's libyaml 0.2.5 (Debian's python3-yaml)
+    composes recursively in C until the stack overflows.  That PyYAML, found
+    on this host, is put first on PYTHONPATH; None if there is none.
+    """
+    for site in ("/usr/lib/python3/dist-packages",
+                 f"/usr/lib64/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"):
+        if not glob.glob(f"{site}/yaml/_yaml.{sys.implementation.cache_tag}-*.so"):
+            continue
+        shim = tmp_path / "libyaml-0.2.5"
+        shim.mkdir(exist_ok=True)
+        for name in ("yaml", "_yaml"):
+            if os.path.exists(f"{site}/{name}") and not (shim / name).exists():
+                (shim / name).symlink_to(f"{site}/{name}")
+        env = {**os.environ, "PYTHONPATH": f"{shim}{os.pathsep}{ROOT}"}
+        probe = subprocess.run(
+            [sys.executable, "-c", "import yaml; assert yaml.__with_libyaml__; "
+             "t = '[' * 1100 + ']' * 1100; "
+             "print(sum(1 for _ in yaml.parse(t, Loader=yaml.CSafeLoader)))"],
+            env=env, capture_output=True, text=True, timeout=30)
+        if probe.returncode == 0 and probe.stdout.strip() == "2204":
+            return env
+    return None
+
+
+YAML_BUILDS = ["bundled libyaml", "libyaml without a nesting limit"]
+
+
+def yaml_env(tmp_path: Path, build: str) -> dict[str, str] | None:
+    if build == YAML_BUILDS[0]:
+        return None
+    env = without_libyaml_limit(tmp_path)
+    if env is None:
+        pytest.skip("no PyYAML on a libyaml without a nesting limit on this host")
+    return env
+
+
+@pytest.mark.parametrize("build", YAML_BUILDS)
+def test_file_nested_200000_levels_is_refused_by_check(tmp_path: Path, build: str) -> None:
+    env = yaml_env(tmp_path, build)
+    path = write(tmp_path / "superd.yaml", deep_list(DEEP))
+    result = subprocess.run([sys.executable, "-m", "superd", "check", "-c", str(path)],
+                            capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])  # -11: SIGSEGV
+    # the 65th "- " starts at column 129: refused before anything is built
+    assert_one(result, path, (1, 129), "nested too deep (more than 64 levels)")
+
+
+@pytest.mark.parametrize("build", YAML_BUILDS)
+def test_daemon_keeps_serving_after_sighup_with_a_200000_level_file(
+        superd, tmp_path: Path, build: str) -> None:
+    env = yaml_env(tmp_path, build)
+    port = free_port()
+    good = f"services:\n  echo:\n    listen: 127.0.0.1:{port}\n    internal: echo\n"
+    d = superd(good, env=env)
+    assert tcp_exchange(port, b"before") == b"before"
+    d.config_path.write_text(deep_list(DEEP))
+    d.reload(expect="reload refused")
+    assert f"{d.config_path}:1:129: nested too deep (more than 64 levels)" in d.log()
+    assert d.proc.poll() is None, d.log()
+    assert tcp_exchange(port, b"after") == b"after"
+    d.reload(good)  # and a good file is taken again
+    assert tcp_exchange(port, b"again") == b"again"
+
+
+@pytest.mark.parametrize("text", [
+    "services: " + "[" * DEEP + "]" * DEEP + "\n",
+    "services: " + "{a: " * DEEP + "b" + "}" * DEEP + "\n",
+], ids=["flow-lists", "flow-mappings"])
+def test_deep_flow_collections_are_refused(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path / "superd.yaml", text)
+    found = problems(check(path))
+    # the column is where the parser noticed: ours at level 65, or libyaml's
+    # own limit while it looks ahead (a wheel's libyaml stops at 1,000)
+    assert len(found) == 1 and found[0].startswith(f"{path}:1:"), found
+    assert found[0].endswith(": nested too deep (more than 64 levels)"), found
+
+
+def test_nesting_is_counted_across_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "superd.yaml", nested_mappings(100))
+    # the 65th mapping starts on line 65, after 64 spaces
+    assert_one(check(path), path, (65, 65), "nested too deep (more than 64 levels)")
+
+
+@pytest.mark.parametrize("loader", ["C", "pure Python"])
+def test_depth_limit_in_both_loaders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     loader: str) -> None:
+    if loader == "pure Python":  # PyYAML without libyaml: its composer recursed
+        monkeypatch.setattr(yamlfile, "_Loader", yaml.SafeLoader)
+    elif not getattr(yaml, "__with_libyaml__", False):
+        pytest.skip("PyYAML is built without libyaml")
+    path = str(tmp_path / "x.yaml")
+    assert yamlfile.load_nodes(path, nested_mappings(63).encode()) is not None  # 64 levels
+    with pytest.raises(ConfigError) as e:
+        yamlfile.load_nodes(path, deep_list(DEEP).encode())
+    assert [str(p) for p in e.value.problems] == [
+        f"{path}:1:129: nested too deep (more than 64 levels)"]
+
+
+@pytest.mark.parametrize("error", [RecursionError, MemoryError])
+def test_load_turns_exhaustion_into_a_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[Exception]) -> None:
+    # whatever still exhausts the stack or the memory is the file's problem,
+    # never the daemon's end (a reload catches ConfigError only)
+    def exhausted(root: yaml.Node, path: str) -> list[object]:
+        raise error()
+
+    monkeypatch.setattr(yamlfile, "check_graph", exhausted)
+    path = write(tmp_path / "superd.yaml", "services: {}\n")
+    with pytest.raises(ConfigError) as e:
+        configmod.load(str(path))
+    [problem] = e.value.problems
+    assert (problem.file, problem.line, problem.col) == (str(path), 1, 1)
+    assert "refused" in problem.message
+
+
+LONG_DIGITS = "1" * 5000  # int() refuses more than 4,300 digits
+SEXAGESIMAL = "1" + ":0" * 20_000  # YAML 1.1 base 60: a number of 35,000 digits
+
+# Every integer and duration is range-checked at load, FILE:LINE:COL.
+OUT_OF_RANGE = [
+    ("rlimit-nofile-huge", "rlimits: {nofile: 999999999999999999999999999}",
+     "999999999999999999999999999",
+     "rlimits.nofile: 999999999999999999999999999 is out of range 0..@NR_OPEN@ "
+     "(the kernel's fs.nr_open)"),
+    ("rlimit-nofile-above-nr-open", "rlimits: {nofile: [1024, @NR_OPEN_PLUS@]}",
+     "@NR_OPEN_PLUS@", "rlimits.nofile: @NR_OPEN_PLUS@ is out of range 0..@NR_OPEN@"),
+    ("rlimit-size-huge", "rlimits: {as: 99999999999T}", "99999999999T",
+     f"rlimits.as: {99999999999 * 1024**4} is out of range 0..9223372036854775807"),
+    ("rlimit-cpu-64-bits", "rlimits: {cpu: 18446744073709551615}", "18446744073709551615",
+     "rlimits.cpu: 18446744073709551615 is out of range 0..9223372036854775807"),
+    ("rlimit-size-long-digits", f"rlimits: {{fsize: {LONG_DIGITS}K}}", LONG_DIGITS[:20],
+     "rlimits.fsize: '11111111111111111111... (5001 characters)' is not a number"),
+    ("timeout-infinite", "timeout: .inf", ".inf", "timeout: inf is not a finite number"),
+    ("timeout-overflows-to-inf", "timeout: 1.0e+400", "1.0e+400",
+     "timeout: inf is not a finite number"),
+    ("kill-grace-nan", "kill_grace: .nan", ".nan", "kill_grace: nan is not a finite number"),
+    ("timeout-over-a-year", "timeout: 31536001", "31536001",
+     "timeout: 31536001 is out of range: at most 31536000 seconds (365 days)"),
+    ("rate-infinite", "rate: .inf", ".inf", "rate: inf is out of range"),
+    ("rate-nan", "rate: .nan", ".nan", "rate: nan is out of range"),
+    ("rate-tiny", "rate: 1.0e-320", "1.0e-320", "rate: 1e-320 is out of range: at least"),
+    ("max-connections-long-digits", f"max_connections: {LONG_DIGITS}", LONG_DIGITS[:20],
+     "max_connections: 11111111111111111111... (5000 characters) is out of range"),
+    ("nice-base-60", f"nice: {SEXAGESIMAL}", SEXAGESIMAL[:20], "nice: 1:0:0:0:0:0:0:0:0:0"),
+    ("umask-long-octal", f"umask: 0{'7' * 5000}", "07777", "umask: 07777777777777777777..."),
+]
+
+
+@pytest.mark.parametrize(("line", "needle", "fragment"), [c[1:] for c in OUT_OF_RANGE],
+                         ids=[c[0] for c in OUT_OF_RANGE])
+def test_number_out_of_range_is_refused_at_its_place(
+        tmp_path: Path, line: str, needle: str, fragment: str) -> None:
+    high = str(fields.nr_open())
+    subst = {"@NR_OPEN@": high, "@NR_OPEN_PLUS@": str(int(high) + 1)}
+    for mark, value in subst.items():
+        line, needle, fragment = (s.replace(mark, value) for s in (line, needle, fragment))
+    text = ("services:\n  cat:\n    listen: 2000\n    exec: [/bin/cat]\n"
+            f"    user: {DEFAULT_USER}\n    {line}\n")
+    path = write(tmp_path / "superd.yaml", text)
+    assert_one(check(path), path, locate(text, needle), fragment)
+
+
+@pytest.mark.parametrize(("text", "needle", "fragment"), [
+    (f"listen: 127.0.0.1:{LONG_DIGITS}", "127.0.0.1",
+     "port 11111111111111111111... (5000 characters) is out of range 1..65535"),
+    (f"user: {LONG_DIGITS}", LONG_DIGITS[:20], "user: no user"),
+], ids=["port-long-digits", "user-long-digits"])
+def test_number_in_a_string_key_is_never_computed(
+        tmp_path: Path, text: str, needle: str, fragment: str) -> None:
+    body = f"    {text}\n" + ("    listen: 2000\n" if "listen" not in text else "")
+    text = f"services:\n  cat:\n{body}    exec: [/bin/cat]\n"
+    if "user:" not in body:
+        text += f"    user: {DEFAULT_USER}\n"
+    path = write(tmp_path / "superd.yaml", text)
+    assert_one(check(path), path, locate(text, needle), fragment)
+
+
+def test_stop_timeout_and_limits_at_their_bounds_are_accepted(tmp_path: Path) -> None:
+    text = f"""\
+        stop_timeout: 31536000
+        services:
+          cat:
+            listen: 2000
+            exec: [/bin/cat]
+            user: {DEFAULT_USER}
+            rate: 1000000
+            timeout: 0.001
+            rlimits: {{nofile: {fields.nr_open()}, as: unlimited, cpu: 9223372036854775807}}
+        """
+    result = check(write(tmp_path / "superd.yaml", text))
+    assert result.returncode == 0, result.stderr
