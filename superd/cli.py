@@ -14,8 +14,6 @@ import re
 import sys
 from typing import TextIO
 
-import yaml
-
 from superd import config as configmod
 from superd import log as logmod
 from superd.config import Config, LogSettings, Service
@@ -147,14 +145,11 @@ def _control_path(path: str) -> str:
             raw = f.read(4 << 20)
     except OSError:
         return configmod.default_control_path()
-    try:
-        data = yaml.safe_load(raw)
-        if isinstance(data, dict) and isinstance(data.get("control"), str):
-            return str(data["control"])
-    except yaml.YAMLError:  # broken YAML: find the line itself
-        found = re.search(rb"^control:\s*[\"']?([^\s\"'#]+)", raw, re.MULTILINE)
-        if found:
-            return found.group(1).decode(errors="replace")
+    # the file was refused: read no YAML from it (it may be hostile, nested
+    # too deep, say), only its top-level control: line
+    found = re.search(rb"^control:\s*[\"']?([^\s\"'#]+)", raw, re.MULTILINE)
+    if found:
+        return found.group(1).decode(errors="replace")
     return configmod.default_control_path()
 
 

@@ -133,6 +133,9 @@ class Reader:
         # as written, never constructed: `user: 1:2:3...` is a YAML 1.1 number
         if isinstance(node, yaml.ScalarNode) and node.tag.rsplit(":", 1)[-1] in (
                 "str", "int", "float"):
+            if "\0" in node.value:  # no path, argument or variable can hold one
+                self.error(node, f"{key}: a NUL character is not allowed here")
+                return None
             return str(node.value)
         self.error(node, f"{key}: expected a string, got {kind(node)}")
         return None
@@ -442,6 +445,9 @@ def _grouplist(user: str, gid: int) -> tuple[int, ...]:
 LOAD_GENERATION = [0]  # bumped by config.load(): cached lookups last one load
 
 
+MAX_ID = 2**32 - 1  # uid_t/gid_t; the all-ones value is the kernel's "unchanged"
+
+
 def _identity(name: str, place: Where, own: dict[str, Item], items: dict[str, Item],
               group: str | None, problems: list[ConfigProblem]) -> Any:
     from superd.config import Identity
@@ -464,6 +470,8 @@ def _identity(name: str, place: Where, own: dict[str, Item], items: dict[str, It
     if group is not None:
         try:
             gid = int(group) if _number(group) else grp.getgrnam(group).gr_gid
+            if not 0 <= gid < MAX_ID:  # (2**32 - 1 means "no change" to the kernel)
+                raise ValueError(group)
         except (KeyError, ValueError, OverflowError):
             gitem = items["group"]
             Reader(gitem.file, problems).error(gitem.value, f"group: no group '{group}'")

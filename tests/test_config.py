@@ -1033,3 +1033,27 @@ def test_stop_timeout_and_limits_at_their_bounds_are_accepted(tmp_path: Path) ->
         """
     result = check(write(tmp_path / "superd.yaml", text))
     assert result.returncode == 0, result.stderr
+
+
+# --- review of the privilege boundary: ids at the kernel's edge, NUL ----------
+
+
+def test_ids_past_the_kernels_range_and_nul_characters_are_refused(tmp_path: Path) -> None:
+    """A gid of 2**32 crashed check with OverflowError; 2**32-1 is the kernel's
+    "no change" and passed, then every start failed; a NUL inside a string
+    was cut short or raised at the first connection."""
+    text = (f"control: {tmp_path}/c.sock\nservices:\n"
+            "  a: {exec: [/bin/true], user: nobody, group: '4294967296', listen: 127.0.0.1:1}\n"
+            "  b: {exec: [/bin/true], user: nobody, group: '4294967295', listen: 127.0.0.1:2}\n"
+            "  c: {exec: [/bin/true], user: nobody, env: {A: \"x\\0y\"}, listen: 127.0.0.1:3}\n"
+            "  d: {exec: [/bin/echo, \"x\\0y\"], user: nobody, listen: 127.0.0.1:4}\n"
+            "  e: {exec: [/bin/true], user: nobody, cwd: \"/tmp\\0x\", listen: 127.0.0.1:5}\n")
+    cfg = write(tmp_path / "superd.yaml", text)
+    found = problems(check(cfg))
+    assert [line.split(": ", 1)[1] for line in found] == [
+        "group: no group '4294967296'",
+        "group: no group '4294967295'",
+        "env.A: a NUL character is not allowed here",
+        "exec: a NUL character is not allowed here",
+        "cwd: a NUL character is not allowed here",
+    ], found
