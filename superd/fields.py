@@ -360,7 +360,9 @@ def service(name: str, entry: tuple[Where, dict[str, Item]],
     if ident is None:
         return None
     if "exec" in values and trust.strict():  # else: superd has no more to give than its own
-        refused = trust.program_problem(values["exec"][0], ident.uid, ident.user)
+        refused = (trust.program_problem(values["exec"][0], ident.uid, ident.user)
+                   or trust.unreachable(values["exec"][0], ident.uid,
+                                        (ident.gid, *ident.groups), ident.user))
         if refused:
             Reader(items["exec"].file, problems).error(items["exec"].value, refused)
             return None

@@ -101,6 +101,42 @@ def program_problem(path: str, uid: int, user: str) -> str | None:
     return None
 
 
+def unreachable(path: str, uid: int, groups: tuple[int, ...], user: str) -> str | None:
+    """Why *user* could not execute the program at *path* (a directory on the
+    way it may not search, or the file not executable for it), or None.
+
+    Not a security rule (the kernel decides at exec) but the difference
+    between ``check`` saying so and every client being closed in silence:
+    ``user: nobody`` with a program under ``/root``, say.
+    """
+    if uid == 0:
+        return None
+    real = os.path.realpath(path)
+    parts = _parts(real)
+    for depth in range(len(parts) + 1):
+        step = "/" + "/".join(parts[:depth])
+        try:
+            st = os.stat(step)
+        except OSError:
+            return None  # the exec check reports what is missing
+        last = depth == len(parts)
+        if not _may(st, uid, groups, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
+            what = "execute" if last else "search"
+            return (f"exec: {user} may not {what} {step} (mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}, gid "
+                    f"{st.st_gid}), so the program could never start")
+    return None
+
+
+def _may(st: os.stat_result, uid: int, groups: tuple[int, ...],
+         u: int, g: int, o: int) -> bool:
+    if st.st_uid == uid:
+        return bool(st.st_mode & u)
+    if st.st_gid in groups:
+        return bool(st.st_mode & g)
+    return bool(st.st_mode & o)
+
+
 def judge_file(st: os.stat_result, subject: str, trust: Trust) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise Untrusted(f"{subject} is not a regular file")

@@ -1057,3 +1057,18 @@ def test_ids_past_the_kernels_range_and_nul_characters_are_refused(tmp_path: Pat
         "exec: a NUL character is not allowed here",
         "cwd: a NUL character is not allowed here",
     ], found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: superd cannot switch users otherwise")
+def test_a_program_its_user_cannot_reach_is_refused_at_check(tmp_path: Path) -> None:
+    """As root from a checkout in /root (mode 0700), `user: nobody` used to pass
+    check and then close every client in silence: exec failed with EACCES."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    prog = script(private / "hello.sh")
+    text = (f"control: {tmp_path}/c.sock\nservices:\n"
+            f"  hello: {{exec: [{prog}], user: nobody, listen: 127.0.0.1:1}}\n"
+            f"  mine: {{exec: [{prog}], user: root, listen: 127.0.0.1:2}}\n")
+    cfg = write(tmp_path / "superd.yaml", text)
+    assert_one(check(cfg), cfg, locate(text, f"[{prog}]"),
+               f"exec: nobody may not search {private} (mode 0700, owner uid 0")
