@@ -36,6 +36,9 @@ INTERNAL = ("echo", "discard", "daytime", "chargen", "time")
 MAX_BYTES = 4 * 1024 * 1024
 XINETD_HEAD = re.compile(r"^(?:service\s+(\S+)|(defaults))\s*(\{)?\s*$")
 _OFF = "#<off>#"
+# what YAML 1.1 accepts in a stream (PyYAML's reader and libyaml agree)
+_UNPRINTABLE = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd"
+                          "\U00010000-\U0010ffff]")
 _KEY_ORDER = ("enabled", "listen", "protocol", "internal", "exec", "wait", "user", "group",
               "env", "pass_env", "umask", "nice", "rlimits", "max_connections",
               "per_source", "rate", "allow", "deny", "keepalive", "nodelay")
@@ -114,6 +117,9 @@ def read_source(path: str) -> str:
         raise ConvertError(f"{path}: cannot read: {e.strerror}") from e
     if len(data) > MAX_BYTES:
         raise ConvertError(f"{path}: larger than 4 MiB; not a configuration file")
+    if b"\0" in data:  # no C reader sees past it; and pwd, socket and open() refuse it
+        line = data.count(b"\n", 0, data.index(b"\0")) + 1
+        raise ConvertError(f"{path}:{line}: a NUL byte; not a text configuration file")
     return data.decode("utf-8", errors="replace")
 
 
@@ -304,7 +310,22 @@ def _yaml(value: Any) -> str:
 
 
 def _comment(text: str, indent: str) -> str:
-    return f"{indent}# {' '.join(text.split())}"
+    return f"{indent}# {_one_line(text)}"
+
+
+def _one_line(text: str) -> str:
+    """*text* on one line, each character YAML refuses even in a comment escaped.
+
+    A source line may hold control characters (C0 but tab, DEL, C1): copied
+    as they are into a comment, they made superd refuse the whole document
+    ("control characters are not allowed").
+    """
+    return _UNPRINTABLE.sub(_escape, " ".join(text.split()))
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _service_lines(conv: Entry) -> list[str]:
@@ -325,7 +346,7 @@ def _service_lines(conv: Entry) -> list[str]:
 
 def _render(doc: Doc) -> str:
     lines = ["# superd configuration converted by superd convert from:"]
-    lines += [f"#   {path}" for path in doc.sources]
+    lines += [f"#   {_one_line(path)}" for path in doc.sources]
     lines += [_comment(text, "") for text in doc.header]
     lines.append(_comment(
         "Where the source set no limit, superd's defaults apply (max_connections 64 and "

@@ -12,6 +12,7 @@ for are noted with the reason.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -275,8 +276,9 @@ def _xi_service(block: Block, dfl: _XDefaults, defaults: dict[str, Any]) -> Entr
     conv = Entry(name=block.name, origin=f"{block.file}:{block.line}",
                      title=f"service {block.name}")
     eff, own = _xi_effective(block, dfl, conv)
-    if "id" in eff:
-        conv.name = eff["id"][0]
+    ident = _first(eff, "id")
+    if ident:
+        conv.name = ident
         conv.title += f" (id {conv.name})"
         conv.tag = "-"
     flags = set(eff.get("flags", []))
@@ -344,7 +346,7 @@ def _xi_program(name: str, eff: dict[str, list[str]], flags: set[str],
         target = " ".join(eff["redirect"])
         raise Skip(f"redirect = {target}: superd does not forward connections itself; "
                     "use exec: a forwarder such as [socat, '-', 'TCP:HOST:PORT']")
-    if "server" not in eff:
+    if not _first(eff, "server"):
         raise Skip("no server given")
     _xi_wait(eff, conv)
     set_user(_first(eff, "user"), _first(eff, "group"), conv)
@@ -473,7 +475,7 @@ def _cps(values: list[str], conv: Entry) -> None:
     except (IndexError, ValueError):
         conv.note(f"cps = {' '.join(values)}: not a rate; not carried over")
         return
-    if rate <= 0:
+    if not (math.isfinite(rate) and rate > 0):  # nor are nan and inf
         conv.note(f"cps = {' '.join(values)}: not a rate; not carried over")
         return
     conv.keys["rate"] = int(rate) if rate.is_integer() else rate
@@ -570,7 +572,10 @@ def _xi_address(text: str) -> list[str] | None:
         found = [_partial_v4(p) for p in parts]
         return None if None in found else [f for f in found if f is not None]
     if re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", text):
-        return ["0.0.0.0/0", "::/0"] if text == "0.0.0.0" else [_partial_v4(text) or text]
+        if text == "0.0.0.0":
+            return ["0.0.0.0/0", "::/0"]
+        found = _partial_v4(text)
+        return None if found is None else [found]
     try:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
@@ -580,15 +585,24 @@ def _xi_address(text: str) -> list[str] | None:
 
 
 def _partial_v4(text: str) -> str | None:
-    """xinetd's IPv4 with trailing zero (or missing) parts as wildcards."""
+    """xinetd's IPv4 with trailing zero (or missing) parts as wildcards.
+
+    None if a part is not 0..255 in plain ASCII decimal (``300.1.2.3``,
+    ``09.1.2.3``): that is no address superd can write, so the entry is
+    dropped with a note, as names are.
+    """
     parts = text.split(".")
     while parts and parts[-1] == "0":
         parts.pop()
-    if len(parts) > 4 or any(not p.isdigit() or int(p) > 255 for p in parts):
+    if len(parts) > 4 or any(not _octet(p) for p in parts):
         return None
     prefix = 8 * len(parts)
     address = ".".join(parts + ["0"] * (4 - len(parts)))
     return address if prefix == 32 else f"{address}/{prefix}"
+
+
+def _octet(text: str) -> bool:
+    return text.isascii() and text.isdigit() and int(text) <= 255 and text == str(int(text))
 
 
 def _shadowed(allow: list[str], deny: list[str]) -> bool:

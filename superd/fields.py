@@ -375,6 +375,8 @@ def _complete(name: str, place: Where, items: dict[str, Item],
     """Cross-key rules and defaults that depend on other keys."""
     protocol = values.setdefault("protocol", "tcp")
     has_exec, has_internal = "exec" in values, "internal" in values
+    # a key written with no value (`exec:` alone) is not given
+    items = {k: item for k, item in items.items() if not is_null(item.value)}
     if ("exec" in items) == ("internal" in items):
         problems.append(place.problem(
             f"service '{name}' needs exactly one of exec: or internal:"))

@@ -1072,3 +1072,18 @@ def test_a_program_its_user_cannot_reach_is_refused_at_check(tmp_path: Path) -> 
     cfg = write(tmp_path / "superd.yaml", text)
     assert_one(check(cfg), cfg, locate(text, f"[{prog}]"),
                f"exec: nobody may not search {private} (mode 0700, owner uid 0")
+
+
+def test_a_key_written_with_no_value_is_not_given(tmp_path: Path) -> None:
+    """Found by the fuzz target: `listen:` with no value crashed check with a
+    TypeError, and `exec:` with no value loaded a service with no program."""
+    text = (f"control: {tmp_path}/c.sock\nservices:\n"
+            "  x: {internal: echo, listen: }\n"
+            "  y: {internal: }\n"
+            "  z: {exec: , user: nobody, listen: 127.0.0.1:1234}\n")
+    cfg = write(tmp_path / "superd.yaml", text)
+    assert [line.split(": ", 1)[1] for line in problems(check(cfg))] == [
+        "no listen: given and 'x' is not a tcp service in /etc/services",
+        "service 'y' needs exactly one of exec: or internal:",
+        "service 'z' needs exactly one of exec: or internal:",
+    ]

@@ -395,3 +395,85 @@ def test_round_trip_inetd_echo_and_cat(tmp_path: Path, superd: Any) -> None:
         s.bind(("127.0.0.1", 0))
         s.sendto(b"datagram", ("127.0.0.1", port))
         assert s.recvfrom(100)[0] == b"datagram"
+
+
+# --- found by fuzzing (fuzz/convert_inetd.py, fuzz/convert_xinetd.py) --------
+
+
+def test_control_characters_in_the_source_stay_inside_their_comment(tmp_path: Path) -> None:
+    # a control character copied into a comment made superd refuse the whole output
+    # ("control characters are not allowed")
+    source = write(tmp_path / "inetd.conf", "x\x11y\x7f stream tcp nowait root internal \x9b\n"
+                   "7007 stream tcp nowait root internal echo\n")
+    out = convert([str(source)])
+    assert "\x11" not in out and "\x7f" not in out and "\x9b" not in out
+    assert "NOT CONVERTED" in block(out, "x-y") and "x\\x11y\\x7f" in block(out, "x-y")
+    assert load_output(tmp_path, out).service("7007") is not None
+
+
+def test_control_characters_in_an_included_file_name(tmp_path: Path) -> None:
+    incdir = tmp_path / "xinetd.d"
+    incdir.mkdir()
+    write(incdir / "echo\x1b", "service echo\n{\n\ttype = INTERNAL\n\tsocket_type = stream\n"
+          "\twait = no\n}\n")
+    main = write(tmp_path / "xinetd.conf", f"includedir {incdir}\n")
+    out = convert([str(main)])
+    assert f"{incdir}/echo\\x1b" in out.split("\n\n")[0]
+    assert services(out) == {"echo": {"listen": 7, "internal": "echo"}}
+
+
+@pytest.mark.parametrize("name, text, line", [
+    ("inetd.conf", "echo stream tcp nowait root internal\n7 stream tcp nowait ro\0ot /bin/cat\n",
+     2),
+    ("xinetd.conf", "service echo\n{\n\tuser = ro\0ot\n}\n", 3),
+])
+def test_a_nul_byte_is_an_error_naming_file_and_line(tmp_path: Path, name: str, text: str,
+                                                     line: int) -> None:
+    # pwd.getpwnam() and open() raised ValueError ("embedded null byte")
+    path = write(tmp_path / name, text)
+    with pytest.raises(ConvertError, match=f"{path}:{line}: a NUL byte"):
+        convert([str(path)])
+
+
+def test_xinetd_include_with_a_nul_byte(tmp_path: Path) -> None:
+    write(tmp_path / "more.conf", "service echo\n{\n\tserver = /bin/c\0at\n}\n")
+    main = write(tmp_path / "main.conf", "include more.conf\n")
+    with pytest.raises(ConvertError, match="main.conf:1: include more.conf: .*more.conf:3: "
+                       "a NUL byte"):
+        convert([str(main)])
+
+
+def test_xinetd_dotted_quads_that_are_no_address_are_dropped(tmp_path: Path) -> None:
+    # '09.9.9.9' and '300.1.2.3' were written out as deny: entries (and with only_from
+    # also given, ipaddress.ip_network raised ValueError)
+    source = write(tmp_path / "xinetd.conf", (
+        "service cat\n{\n\ttype = UNLISTED\n\tsocket_type = stream\n\twait = no\n"
+        "\tuser = nobody\n\tserver = /bin/cat\n\tport = 4100\n"
+        "\tonly_from = 10.0.0.0/8 300.1.2.3\n\tno_access = 09.9.9.9 10.9.9.9 1.2.3.{4,05}\n}\n"))
+    out = convert([str(source)])
+    cat = services(out)["cat"]
+    assert cat["allow"] == ["10.0.0.0/8"]
+    assert cat["deny"] == ["10.9.9.9"]
+    assert "no_access: dropped 09.9.9.9 1.2.3.{4,05}" in " ".join(block(out, "cat").split())
+    assert load_output(tmp_path, out).service("cat") is not None
+
+
+def test_xinetd_attributes_with_no_value(tmp_path: Path) -> None:
+    # 'server =' with nothing after it raised IndexError (so would 'id =')
+    source = write(tmp_path / "xinetd.conf", (
+        "service narrow\n{\n\ttype = UNLISTED\n\tsocket_type = stream\n\twait = no\n"
+        "\tuser = nobody\n\tport = 4100\n\tserver =\n\tid =\n}\n"))
+    out = convert([str(source)])
+    assert "NOT CONVERTED: no server given" in block(out, "narrow")
+
+
+@pytest.mark.parametrize("cps", ["nan 10", "inf", "-inf", "1e999 5", "0", "-3"])
+def test_xinetd_cps_that_is_no_rate(tmp_path: Path, cps: str) -> None:
+    # nan and inf were written as rate: .nan / .inf
+    source = write(tmp_path / "xinetd.conf", (
+        "service cat\n{\n\ttype = UNLISTED\n\tsocket_type = stream\n\twait = no\n"
+        f"\tuser = nobody\n\tserver = /bin/cat\n\tport = 4100\n\tcps = {cps}\n}}\n"))
+    out = convert([str(source)])
+    assert "rate" not in services(out)["cat"]
+    assert f"cps = {cps}: not a rate; not carried over" in block(out, "cat")
+    assert load_output(tmp_path, out).service("cat") is not None
