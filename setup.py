@@ -10,6 +10,7 @@ subprocess and a Python trampoline, which is as safe and slower.
 """
 
 import os
+import platform
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -27,12 +28,20 @@ class BuildWithHelper(build_ext):
 
     def _helper(self) -> None:
         out_dir = os.path.dirname(self.get_ext_fullpath("superd._spawn"))
+        # It runs once per connection: on x86-64 and AArch64 without the C
+        # library (raw system calls, see _exec.c), static everywhere.
+        bare = platform.machine() in ("x86_64", "aarch64")
+        cflags = ["-O2", "-Wall"] + (
+            ["-fno-stack-protector", "-ffreestanding", "-fno-builtin"] if bare else [])
         objects = self.compiler.compile(["superd/_exec.c"], output_dir=self.build_temp,
-                                        extra_postargs=["-O2", "-Wall"])
-        try:  # static: no dynamic loader to run at every start
+                                        extra_postargs=cflags)
+        link = ["-static", "-nostdlib", "-no-pie"] if bare else ["-static"]
+        try:
             self.compiler.link_executable(objects, "superd-exec", output_dir=out_dir,
-                                          extra_postargs=["-static"])
+                                          extra_postargs=link)
         except Exception:
+            if bare:
+                raise
             self.compiler.link_executable(objects, "superd-exec", output_dir=out_dir)
         os.chmod(os.path.join(out_dir, "superd-exec"), 0o755)
 
