@@ -107,7 +107,8 @@ class Children:
     def _on_report(self, child: Child) -> None:
         """The later stage (superd-exec) said how its exec went: at end of file
         the program runs; otherwise it could not start, and says why."""
-        assert child.report_fd is not None
+        if child.report_fd is None:
+            return  # read already, when its exit came first in the same batch
         try:
             error = read_report(child.report_fd)
         except BlockingIOError:
