@@ -7,7 +7,6 @@ path from ``accept()`` to a running program, and what happens when it ends.
 
 from __future__ import annotations
 
-import errno
 import logging
 import selectors
 import socket
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 from superd import log as logmod
 from superd.children import Child
 from superd.config import Service
-from superd.guard import Handler
+from superd.guard import BACKOFF_SECONDS, RESOURCE_ERRNOS, Handler
 from superd.internal import TcpSession
 from superd.limits import (
     TokenBucket,
@@ -40,8 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("superd.loop")
 
 ACCEPT_BATCH = 32
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-BACKOFF_SECONDS = 0.5
 QUICK_EXIT = 1.0  # a wait-mode program that fails sooner than this backs off
 _READ = selectors.EVENT_READ
 

@@ -11,20 +11,17 @@ service listeners do.  Neither case can spin the loop or flood the log.
 
 from __future__ import annotations
 
-import errno
 import logging
 import selectors
 import socket
 
-from superd.guard import Handler
+from superd.guard import BACKOFF_SECONDS, RESOURCE_ERRNOS, Handler
 from superd.timers import Timer, Timers
 
 log = logging.getLogger(__name__)
 
 _R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BATCH = 16
-BACKOFF = 0.5  # seconds before accept() is tried again after it failed
 MAX_EXCHANGES = 8  # served at once, per endpoint
 READ_DEADLINE = 2.0  # to deliver the whole request
 WRITE_DEADLINE = 10.0  # to take the whole reply
@@ -165,7 +162,7 @@ class Endpoint:
         calls if accepting raised)."""
         self._watch(False)
         if self.retry is None:
-            self.retry = self.timers.call_later(BACKOFF, self._rearm)
+            self.retry = self.timers.call_later(BACKOFF_SECONDS, self._rearm)
 
     def _accept_failed(self, e: OSError) -> None:
         self._pause()
@@ -174,7 +171,7 @@ class Endpoint:
         self.failing = True
         level = logging.WARNING if e.errno in RESOURCE_ERRNOS else logging.ERROR
         self.told = self._warn("accept", "%s: accept failed: %s; pausing it for %.1fs at a time "
-                   "until it works again", self.name, e.strerror, BACKOFF, level=level)
+                   "until it works again", self.name, e.strerror, BACKOFF_SECONDS, level=level)
 
     def _rearm(self) -> None:
         self.retry = None

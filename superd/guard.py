@@ -19,6 +19,7 @@ otherwise be called again at once):
 
 from __future__ import annotations
 
+import errno
 import logging
 import selectors
 from collections.abc import Callable
@@ -28,6 +29,11 @@ from superd.timers import Timers
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0
+
+# accept() failing for lack of resources: every listener (services, control,
+# metrics) stops watching its socket for this long instead of spinning
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+BACKOFF_SECONDS = 0.5
 
 
 class Handler:
