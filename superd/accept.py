@@ -40,6 +40,13 @@ log = logging.getLogger("superd.loop")
 
 ACCEPT_BATCH = 32
 QUICK_EXIT = 1.0  # a wait-mode program that fails sooner than this backs off
+# An honest balancer never sends a malformed PROXY header.  Past this many a
+# second on one listener, from hosts in proxy_from, the listener is paused for
+# PROXY_PAUSE: a storm of bad headers then costs the daemon a bounded share of
+# a core instead of all of it.  Only proxy_from hosts can trigger it, and they
+# carry that listener's traffic anyway.
+PROXY_ERRORS_PER_SECOND = 100
+PROXY_PAUSE = 1.0
 _READ = selectors.EVENT_READ
 
 
@@ -159,8 +166,19 @@ class Acceptor:
         self.pending.discard(pending)
         listener = pending.context
         assert isinstance(listener, Listener)
-        self._refuse(listener.service, pending.conn, pending.peer, "proxy", why,
-                     message=False)
+        svc = listener.service
+        self._refuse(svc, pending.conn, pending.peer, "proxy", why, message=False)
+        if pending.expired or listener.state != State.LISTENING:
+            return
+        if listener.proxy_errors is None:
+            listener.proxy_errors = TokenBucket(PROXY_ERRORS_PER_SECOND)
+        if not listener.proxy_errors.take():
+            self._throttled(f"{svc.name} proxy pause", logging.WARNING,
+                            "%s: over %d malformed PROXY headers a second on %s (the last "
+                            "from %s); pausing it for %.0fs", svc.name,
+                            PROXY_ERRORS_PER_SECOND, listener.describe(),
+                            _peer_text(pending.peer), PROXY_PAUSE)
+            self._backoff(listener, PROXY_PAUSE, State.BAD_PROXY)
 
     def _hold(self: Daemon, listener: Listener, bucket: TokenBucket | None) -> bool:
         """on_limit: queue — stop accepting while at a limit; True if held."""
@@ -255,43 +273,43 @@ class Acceptor:
             session.start()
             return
         try:
-            env = connection_env(conn, peer)
-            child = self._spawn(svc, conn.fileno(), env, _peer_text(peer))
-        except OSError:
-            child = None
+            child = self._spawn(svc, conn, peer, None)
+        except OSError as e:
+            if e.errno in RESOURCE_ERRNOS and listener.state == State.LISTENING:
+                self._backoff(listener, BACKOFF_SECONDS)  # out of descriptors: let some go
+            return
         finally:
             conn.close()
-        if child is not None:
-            child.source = source
-            self._count(svc, +1, source)
-        elif self.last_spawn_errno in RESOURCE_ERRNOS and listener.state == State.LISTENING:
-            self._backoff(listener, BACKOFF_SECONDS)  # out of descriptors: let some go
+        child.source = source
+        self._count(svc, +1, source)
 
     def _start_wait(self: Daemon, listener: Listener) -> None:
         svc = listener.service
         self._set_state(listener, State.BUSY)
         listener.sock.setblocking(True)
         try:
-            child = self._spawn(svc, listener.fd, connection_env(listener.sock, None),
-                                listener.describe(), listener)
+            self._spawn(svc, listener.sock, None, listener)
         except OSError:
-            child = None
-        if child is None:
             listener.sock.setblocking(False)
             listener.fail_streak += 1
             self._backoff(listener, _streak_delay(listener.fail_streak))
             return
         self._count(svc, +1)
 
-    def _spawn(self: Daemon, svc: Service, stdio: int, env: dict[str, str], peer: str,
-               listener: Listener | None = None) -> Child | None:
-        self.last_spawn_errno = None  # this start's, not an older one's
+    def _spawn(self: Daemon, svc: Service, conn: socket.socket, peer: object,
+               listener: Listener | None) -> Child:
+        """Start *svc*'s program on *conn* (a client's connection, or in wait
+        mode the listener itself, peer None).  A failure is counted and
+        logged here, then raised for the caller to decide on its socket:
+        the decision rests on this start's errno, never an older one's."""
+        client = listener.describe() if listener is not None else _peer_text(peer)
         try:
-            return self.children.start(self.programs[svc.name], stdio, env, peer, listener)
+            env = connection_env(conn, peer)
+            return self.children.start(self.programs[svc.name], conn.fileno(), env, client,
+                                       listener)
         except OSError as e:
-            self.last_spawn_errno = e.errno
-            self._start_failed(svc, peer, e)
-            return None
+            self._start_failed(svc, client, e)
+            raise
 
     def _start_failed(self: Daemon, svc: Service, peer: str, e: OSError) -> None:
         self.stats[svc.name].spawn_failures += 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from superd import paths
 from superd.config import ListenAddr, Service
+from superd.limits import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class State(enum.Enum):
     FULL = "paused at limit"  # on_limit: queue, service at its limit
     RATE = "paused by rate"  # on_limit: queue, token bucket empty
     BACKOFF = "backing off"  # accept() or spawn failing; re-armed by a timer
+    BAD_PROXY = "paused: malformed PROXY headers"  # a balancer over its error budget
     CLOSED = "closed"
 
 
@@ -44,6 +46,7 @@ class Listener:
     applied: tuple[int, paths.Owner] | None = None  # mode and owner it has
     adopted: bool = False  # handed in by systemd or a predecessor: never closed here
     fail_streak: int = 0
+    proxy_errors: TokenBucket | None = None  # malformed PROXY headers allowed a second
     extra: dict[str, object] = field(default_factory=dict)
 
     @property

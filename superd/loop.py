@@ -74,7 +74,6 @@ class Daemon(Acceptor, HandOver):
         self.sessions: set[TcpSession] = set()
         self.pending: set[Pending] = set()
         self.linger = Linger(self.selector, self.timers)
-        self.last_spawn_errno: int | None = None
         self.programs: dict[str, Program] = {}
         self.stats: dict[str, ServiceStats] = {}
         self.total_active = 0

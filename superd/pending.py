@@ -42,6 +42,7 @@ class Pending:
         self.delay = 0.01
         self.watching = True
         self.retry: Timer | None = None
+        self.expired = False  # refused for proxy_timeout, not for what it sent
         conn.setblocking(False)
         self.timer: Timer = timers.call_later(timeout, self._timed_out)
         selector.register(conn, selectors.EVENT_READ, self)
@@ -85,6 +86,7 @@ class Pending:
         self.conn.close()
 
     def _timed_out(self) -> None:
+        self.expired = True
         self._finish()
         self.on_fail(self, "no complete PROXY header within proxy_timeout")
 

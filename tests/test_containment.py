@@ -176,3 +176,124 @@ def test_a_pending_connection_whose_callback_raises_is_refused(daemon: Daemon) -
     assert refused == ["internal error while reading the PROXY header"]
     assert wait_until(lambda: b.recv(10) == b"", 5)
     b.close()
+
+
+def test_a_storm_of_malformed_proxy_headers_pauses_the_listener(superd) -> None:
+    """Finding 1's storm (overload goal): a host in proxy_from that sends
+    malformed headers as fast as it can connects no faster than the daemon
+    will refuse them.  Past PROXY_ERRORS_PER_SECOND on one listener the
+    listener is paused for a second, said once; then it serves again."""
+    from conftest import run_superd
+
+    from superd.accept import PROXY_ERRORS_PER_SECOND
+    port = free_port()
+    d = superd(f"""
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            exec: [/bin/echo, hello]
+            proxy_protocol: v1
+            proxy_from: [127.0.0.1]
+        """)
+    storm = PROXY_ERRORS_PER_SECOND + 30
+    socks = []
+    try:
+        for _ in range(storm):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"PROXY\r\n")
+            socks.append(s)
+        d.wait_log(r"web: over \d+ malformed PROXY headers a second .*pausing it")
+        status = run_superd("status", "-c", str(d.config_path))
+        assert status.returncode == 0, status.stderr
+        row = next(line for line in status.stdout.splitlines() if line.startswith("web "))
+        assert "malformed PROXY" in row, status.stdout
+        for s in socks:  # all refused in the end: closed without a byte
+            try:
+                assert s.recv(16) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in socks:
+            s.close()
+    # after the pause an honest header is served
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 80\r\n")
+        assert s.recv(16) == b"hello\n"
+    log = d.log()
+    assert log.count("pausing it") == 1, log
+    assert "Traceback" not in log, log
+
+
+def _free_fds_below(limit: int) -> int:
+    free = 0
+    for fd in range(limit):
+        try:
+            os.fstat(fd)
+        except OSError:
+            free += 1
+    return free
+
+
+def test_a_start_failure_backs_off_only_for_its_own_errno(tmp_path: Path) -> None:
+    """Issue 12, finding 14: the backoff for running out of descriptors
+    rested on ``last_spawn_errno``, which nothing cleared, so an old EMFILE
+    could pause a listener for an unrelated failure.  Now the decision rests
+    on the failure in hand.  Real listener, real client, real spawns (a
+    program the kernel cannot run: ENOEXEC), a real EMFILE from a lowered
+    RLIMIT_NOFILE; the loop's timers run on a clock this test moves."""
+    import resource
+
+    from superd.guard import BACKOFF_SECONDS
+    from superd.listeners import State
+
+    program = tmp_path / "not-a-program"
+    program.write_bytes(b"\x00\x01 neither ELF nor a script\n")
+    os.chmod(program, 0o755)
+    port = free_port()
+    cfg = tmp_path / "superd.yaml"
+    user = "    user: root\n" if os.geteuid() == 0 else ""
+    cfg.write_text(f"control: {tmp_path}/control.sock\nservices:\n  bad:\n"
+                   f"    listen: 127.0.0.1:{port}\n    exec: [{program}]\n{user}")
+    os.chmod(cfg, 0o644)
+    d = Daemon(str(cfg), configmod.load(str(cfg)))
+    d.timers = Timers(Clock())
+    d._apply(d.config)
+    [listener] = d.listeners.values()
+    clients: list[socket.socket] = []
+
+    def connect() -> None:
+        clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+
+    def serve() -> None:
+        deadline = time.monotonic() + 5
+        before = d.stats["bad"].spawn_failures
+        while d.stats["bad"].spawn_failures == before and time.monotonic() < deadline:
+            _one_round(d)
+
+    try:
+        # 1. out of descriptors: room for the accepted connection, none for the pidfd
+        connect()  # before the limit: the client lives in this process too
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = next(n for n in range(3, soft) if _free_fds_below(n) == 1)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            serve()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert d.stats["bad"].spawn_failures == 1
+        assert listener.state == State.BACKOFF
+        d.timers.clock.now += BACKOFF_SECONDS  # type: ignore[attr-defined]
+        d.timers.run_due()
+        assert listener.state == State.LISTENING
+        # 2. the program cannot run: the client is closed, the listener goes on
+        connect()
+        serve()
+        assert d.stats["bad"].spawn_failures == 2
+        assert listener.state == State.LISTENING
+        for c in clients:
+            assert c.recv(10) == b""
+    finally:
+        for c in clients:
+            c.close()
+        for lst in d.listeners.values():
+            lst.sock.close()

@@ -830,6 +830,63 @@ def test_daemon_mode_handover_moves_the_pidfile(tmp_path: Path) -> None:
             _stop_pid(other)
 
 
+
+@pytest.mark.skipif(os.path.exists("/dev/log") or os.geteuid() != 0,
+                    reason="needs to stand in for syslog on /dev/log (root, none there)")
+def test_daemon_mode_handover_keeps_logging_to_syslog(tmp_path: Path) -> None:
+    """Issue 12, finding 10: a --daemon superd with no log file logs to syslog;
+    before, the superd that took over on SIGUSR2 logged to /dev/null, because
+    the switch to syslog was not in the argv it was started with.  A real
+    datagram socket on /dev/log stands in for syslog (removed afterwards)."""
+    port = free_port()
+    pidfile = tmp_path / "superd.pid"
+    config = tmp_path / "superd.yaml"
+    config.write_text(_config(tmp_path, f"""
+        echo: {{listen: "127.0.0.1:{port}", internal: echo}}
+    """))
+    os.chmod(config, 0o644)
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind("/dev/log")
+    syslog.settimeout(0.2)
+    lines: list[str] = []
+
+    def heard(pattern: str) -> re.Match[str] | None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            found = re.search(pattern, "\n".join(lines))
+            if found:
+                return found
+            try:
+                lines.append(syslog.recv(65536).decode(errors="replace"))
+            except TimeoutError:
+                pass
+        return None
+
+    pid: int | None = None
+    new: int | None = None
+    try:
+        result = run_superd("run", "--daemon", "--pidfile", str(pidfile), "-c", str(config))
+        assert result.returncode == 0, result.stderr
+        assert wait_until(lambda: _read_pid(pidfile) is not None, 10)
+        pid = _read_pid(pidfile)
+        assert heard(rf"superd\[{pid}\]: .*ready:"), lines
+        os.kill(pid, signal.SIGUSR2)
+        found = heard(r"superd (\d+) serves now")
+        assert found, lines
+        new = int(found.group(1))
+        assert heard(rf"superd\[{new}\]: .*ready:"), lines  # the successor's own line
+        assert tcp_exchange(port, b"moved") == b"moved"
+        assert wait_until(lambda: _gone(pid), 15)  # type: ignore[arg-type]
+        os.kill(new, signal.SIGTERM)
+        assert heard(rf"superd\[{new}\]: .*superd stopped"), lines
+    finally:
+        _stop_pid(new)
+        _stop_pid(pid)
+        for other in _pids_running(config):
+            _stop_pid(other)
+        syslog.close()
+        os.unlink("/dev/log")
+
 # --- 5. SIGUSR1 ---------------------------------------------------------------
 
 
