@@ -17,7 +17,7 @@ from superd import log as logmod
 from superd.children import Child
 from superd.config import Service
 from superd.guard import BACKOFF_SECONDS, RESOURCE_ERRNOS, Handler
-from superd.internal import TcpSession
+from superd.internal import UDP_FLOOD_PAUSE, TcpSession
 from superd.limits import (
     TokenBucket,
     access,
@@ -93,7 +93,8 @@ class Acceptor:
         svc = listener.service
         udp = listener.extra.get("udp")
         if udp is not None:
-            udp(_READ)  # type: ignore[operator]
+            if udp(_READ):  # type: ignore[operator]
+                self._backoff(listener, UDP_FLOOD_PAUSE, State.FLOOD)
         elif svc.wait:
             self._start_wait(listener)
         else:

@@ -34,6 +34,7 @@ from superd.config import Service
 from superd.limits import (
     IPAddress,
     SourceBuckets,
+    TokenBucket,
     access,
     client_ip,
     no_reply_to,
@@ -49,6 +50,11 @@ LOOP_PORTS = frozenset({0, 7, 9, 13, 19, 37})
 MAX_BUFFER = 64 * 1024
 UDP_BATCH = 64
 RESERVED_PORTS = 1024  # a datagram from a port below this gets no reply
+# Reading a datagram costs the loop even when it is dropped.  Past this many a
+# second (or twice reply_rate, if higher) one internal UDP socket is not read
+# for UDP_FLOOD_PAUSE: the kernel drops what its buffer cannot hold, for free.
+UDP_FLOOD_FLOOR = 1000
+UDP_FLOOD_PAUSE = 1.0
 _INET = (socket.AF_INET, socket.AF_INET6)
 _EV_R, _EV_W = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -254,20 +260,33 @@ class UdpService:
         self.throttled = throttled
         rate = service.reply_rate if service is not None else Service.reply_rate
         self.replies = SourceBuckets(rate)
+        self.budget = TokenBucket(max(UDP_FLOOD_FLOOR, 2 * rate))
         self.counter = 0
         self.dropped = 0
 
-    def __call__(self, events: int) -> None:
+    def __call__(self, events: int) -> bool:
+        """Read and answer what is queued.  True when the socket is over its
+        budget: the caller then leaves it unread for UDP_FLOOD_PAUSE."""
         for _ in range(UDP_BATCH):
             try:
                 data, peer = self.sock.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as e:
                 if e.errno != errno.ECONNREFUSED:
                     log.warning("%s/udp: recvfrom failed: %s", self.label, e.strerror)
-                return
+                return False
+            if not self.budget.take():
+                self.dropped += 1
+                self.rejected["flood"] += 1
+                if self.throttled is not None:
+                    self.throttled(f"{self.label} flood", logging.WARNING,
+                                   "%s/udp: over %d datagrams a second (a flood, the last "
+                                   "from %s); not reading it for %.0fs", self.label,
+                                   self.budget.rate, _peer_text(peer), UDP_FLOOD_PAUSE)
+                return True
             self._answer(data, peer)
+        return False
 
     def _answer(self, data: bytes, peer: object) -> None:
         refusal = self._refusal(peer)

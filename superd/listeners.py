@@ -32,6 +32,7 @@ class State(enum.Enum):
     RATE = "paused by rate"  # on_limit: queue, token bucket empty
     BACKOFF = "backing off"  # accept() or spawn failing; re-armed by a timer
     BAD_PROXY = "paused: malformed PROXY headers"  # a balancer over its error budget
+    FLOOD = "paused: datagram flood"  # an internal udp socket over its budget
     CLOSED = "closed"
 
 

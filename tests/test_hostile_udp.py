@@ -319,3 +319,43 @@ def test_check_rejects_bad_reply_rate_and_idle_timeout(tmp_path: Path) -> None:
     assert f"{path}:6:19: idle_timeout: -5 must be more than 0 seconds" in proc.stderr
     assert (f"{path}:11:17: reply_rate: expected replies per second, got a string"
             in proc.stderr), proc.stderr
+
+
+# --- a flood ------------------------------------------------------------------
+
+
+def test_a_flood_is_left_to_the_kernel_for_a_second(daemons: Daemons) -> None:
+    """Reading a flood costs the daemon a core even when it answers none of
+    it (the overload goal: under a fifth of one).  Past its budget of
+    datagrams a second, an internal UDP socket is not read for a second: the
+    kernel drops what does not fit in the socket's buffer, for free.  Said
+    once; then the service answers again."""
+    from superd.internal import UDP_FLOOD_FLOOR
+    port = free_port(socket.SOCK_DGRAM)
+    d = daemons("d", "services:\n" + udp_service("echo", "echo", f"127.0.0.1:{port}"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:
+        flood.bind(("127.0.0.1", 0))
+        # paced so that the socket's buffer does not fill and the daemon reads
+        # it all: about 5 budgets a second, for at most 5 s
+        for _ in range(500):
+            for _ in range(UDP_FLOOD_FLOOR // 20):
+                flood.sendto(b"x" * 64, ("127.0.0.1", port))
+            if "not reading it" in d.log():
+                break
+            time.sleep(0.01)
+    d.wait_log(rf"echo/udp: over {UDP_FLOOD_FLOOR} datagrams a second .*not reading it for 1s")
+    deadline = time.monotonic() + TIMEOUT
+    answer = b""
+    while not answer and time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1.0)  # the pause ends and what the buffer held is read
+            s.bind(("127.0.0.2", 0))
+            s.sendto(b"after", ("127.0.0.1", port))
+            try:
+                answer = s.recv(100)
+            except TimeoutError:
+                pass
+    assert answer == b"after"
+    log = d.log()
+    assert log.count("not reading it") == 1, log
+    assert "Traceback" not in log, log
