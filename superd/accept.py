@@ -333,9 +333,10 @@ class Acceptor:
         else:
             stats.exits[status] += 1
             stats.durations.observe(elapsed)
-            log.info("%s[%d] %s: %s after %.3fs", svc.name, child.pid, client, status,
-                     elapsed, extra={"service": svc.name, "pid": child.pid, "client": client,
-                                     "status": status, "duration": round(elapsed, 6)})
+            level = logging.INFO if code == 0 else logging.WARNING  # a failure shows at warning
+            log.log(level, "%s[%d] %s: %s after %.3fs", svc.name, child.pid, client, status,
+                    elapsed, extra={"service": svc.name, "pid": child.pid, "client": client,
+                                    "status": status, "duration": round(elapsed, 6)})
         self._count(svc, -1, child.source)
         if child.listener is not None:
             self._wait_done(child.listener, code, elapsed)

@@ -117,3 +117,35 @@ def test_daemon_mode_with_nowhere_to_log_is_refused(tmp_path: Path) -> None:
     assert "no syslog listens on /dev/log" in result.stderr
     assert "log: {file: PATH}" in result.stderr
     assert not (tmp_path / "superd.pid").exists()
+
+
+def test_a_failing_program_is_a_warning_and_a_clean_exit_is_not(superd, tmp_path: Path) -> None:
+    """Issue 16, finding 11: a program's non-zero exit was logged at info, so
+    ``log: {level: warning}`` hid every failing program."""
+    from conftest import script
+
+    fails, works = free_port(), free_port()
+    script(tmp_path, "fails.sh", "exit 3\n")
+    d = superd(f"""
+        log: {{level: warning}}
+        services:
+          fails:
+            listen: 127.0.0.1:{fails}
+            exec: [{tmp_path}/fails.sh]
+          works:
+            listen: 127.0.0.1:{works}
+            exec: [/bin/echo, fine]
+        """, ready=False)
+    assert wait_until(lambda: d.proc.poll() is not None or _listening(works), 15), d.log()
+    assert tcp_exchange(works) == b"fine\n"
+    assert tcp_exchange(fails) == b""
+    log = d.wait_log(r"warning: fails\[\d+\] 127\.0\.0\.1:\d+: exit 3 after")
+    assert "works[" not in log, log
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
