@@ -32,7 +32,7 @@ from pathlib import Path
 from bench import system
 from bench.client import Client
 from bench.report import Table
-from bench.run import Bench, Settings
+from bench.run import NOISE_CORES, Bench, Settings
 from bench.servers import Peer, find_peers
 
 WORKLOADS = ("W1", "W2", "W3", "W4", "children", "leak")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {"raw": bench.raw,
-                 "goals": [g.__dict__ for g in bench.goals],
+                 "goals": [g.__dict__ for g in bench.goals], "noisy": bench.noisy,
                  "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows}
                             for t in bench.tables]}, indent=1))
         return 0
@@ -226,11 +226,17 @@ def _document(bench: Bench, header: str, args: argparse.Namespace, st: Settings,
     if header:
         out += ["", "## Warnings", "", *[f"- {line.lstrip('! ')}" for line in
                                           header.splitlines()]]
+    if bench.noisy:
+        out += ["", "## NOISY: not a result", "",
+                "Something else used the machine during these runs (more than "
+                f"{NOISE_CORES} of a core beyond the servers and the load generator), so no "
+                "verdict is given. Re-run with nothing else running.", "",
+                *[f"- {line}" for line in bench.noisy]]
     if bench.goals:
         goals = Table("Goals (from the performance issue)", ["goal", "measured", "met"])
         for g in bench.goals:
-            goals.add(g.text, g.measured,
-                      "–" if g.passed is None else ("yes" if g.passed else "**no**"))
+            verdict = "–" if g.passed is None else ("yes" if g.passed else "**no**")
+            goals.add(g.text, g.measured, "noisy" if bench.noisy else verdict)
         out += ["", "## Summary", "", goals.render()]
     out += ["", "## Results", ""]
     for table in bench.tables:

@@ -74,6 +74,19 @@ class Sample:
     def loadgen_cores(self) -> float:
         return self.load.cpu / self.load.wall if self.load.wall else 0.0
 
+    @property
+    def background_cores(self) -> float:
+        """Cores used during the run by anything but the server (with its
+        programs) and the load generator: other work on the machine."""
+        if not self.load.wall:
+            return 0.0
+        ncpu = os.cpu_count() or 1
+        server = self.server_cpu / self.load.wall
+        return max(0.0, self.busy * ncpu - server - self.loadgen_cores)
+
+
+NOISE_CORES = 0.2  # more background than this in any run: the table is not a result
+
 
 Cell = Callable[[Server], Load]
 
@@ -97,6 +110,7 @@ class Bench:
     log: Callable[[str], None] = print
     tables: list[Table] = field(default_factory=list)
     goals: list[Goal] = field(default_factory=list)
+    noisy: list[str] = field(default_factory=list)  # tables taken on a busy machine
     problems: dict[str, list[str]] = field(default_factory=dict)
     raw: dict[str, object] = field(default_factory=dict)
     _tag: int = 0
@@ -179,6 +193,15 @@ class Bench:
                 f"Load generator ({self.client.kind}): {median(cores):.2f} of {ncpu} cores "
                 f"(median; max {max(cores):.2f}); the whole machine was "
                 f"{pct(median(busy))} busy (median; max {pct(max(busy))}).")
+            background = [s.background_cores for s in samples]
+            worst = max(background)
+            table.notes.append(
+                f"Background (other work on the machine during the runs): "
+                f"{median(background):.2f} cores median, {worst:.2f} max.")
+            if worst > NOISE_CORES:
+                self.noisy.append(f"{table.title}: up to {worst:.2f} cores of background")
+                table.notes.append(f"**NOISY**: over {NOISE_CORES} of a core of background "
+                                   "in at least one run; these figures are not a result.")
 
     def goal(self, text: str, value: float | None, limit: float, kind: str,
              fmt: str = "×{:.2f}") -> None:
