@@ -1,17 +1,20 @@
-"""Command line: ``superd run`` and ``superd check``.
+"""Command line: ``superd run``, ``check``, ``status``, ``reload``, ``stop``,
+``explain``, ``convert`` and ``--version``.
 
 Only this module prints and chooses exit codes: 0 success, 1 configuration
-refused, 2 usage error.
+refused (or the daemon could not be reached, or refused), 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
 import re
 import sys
+import textwrap
 from typing import TextIO
 
 from superd import config as configmod
@@ -20,6 +23,7 @@ from superd.config import Config, LogSettings, Service
 from superd.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/superd/superd.yaml"
+STOP_WAIT_MARGIN = 10.0  # seconds `superd stop` waits beyond stop_timeout and kill_grace
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +39,100 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def package_version(dist: str = "superd") -> str:
+    """The version of *dist* from its package metadata; for a checkout run in
+    place (never installed), superd's own ``__version__``."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        from superd import __version__
+        return __version__
+
+
+class _Version(argparse.Action):
+    """``--version``: reads the package metadata only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"superd {package_version()}")
+        parser.exit()
+
+
+# each command: its one-line help, its description, and examples for --help
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("run the daemon in the foreground", """
+        Run the daemon: bind a listening socket for each service of FILE and,
+        for each client, start the service's program with the connection as
+        its stdin and stdout.  In the foreground (what systemd wants) unless
+        --daemon.  Ctrl-C or SIGTERM stops it: listeners close at once and
+        running programs get stop_timeout seconds; a second Ctrl-C stops them
+        now.  SIGHUP reloads FILE; SIGUSR2 hands the sockets to a new superd.""",
+        """
+        superd run -c /etc/superd/superd.yaml
+        superd run --daemon --pidfile /run/superd.pid"""),
+    "check": ("validate the configuration and show it", """
+        Validate FILE and print what it resolved to: the control socket, the
+        global limits and one line per service.  Errors are printed as
+        FILE:LINE:COL: message, all of them at once, and the exit status is 1.""",
+        """
+        superd check -c /etc/superd/superd.yaml"""),
+    "status": ("ask the running daemon what it is doing", """
+        Ask the running daemon what it is doing: its pid and the file it runs,
+        each service's state and counters, and each live connection with its
+        program's pid, client, age, CPU time and memory.  The daemon is reached
+        through the control socket FILE names; if the daemon there runs another
+        file, a note on stderr says so.""",
+        """
+        superd status
+        superd status -c etc/superd.yaml --json"""),
+    "reload": ("ask the running daemon to re-read its file", """
+        Ask the running daemon to re-read its file, as SIGHUP does, and wait for
+        its answer.  It is reached through the control socket FILE names and
+        must run FILE itself (compared by real path): a daemon that runs another
+        file is left alone (exit 1) unless --any-config is given.  A refused
+        file keeps the running configuration; its errors are printed and the
+        exit status is 1.""",
+        """
+        superd reload -c /etc/superd/superd.yaml"""),
+    "stop": ("stop the running daemon and wait until it has exited", """
+        Ask the running daemon to stop, as SIGTERM does, and wait until it has
+        exited: listeners close at once, running programs get stop_timeout
+        seconds to finish, then SIGTERM, then SIGKILL after kill_grace.  Run
+        superd stop again meanwhile to stop the programs now.  Like reload, it
+        acts only on a daemon that runs FILE unless --any-config is given.""",
+        """
+        superd stop -c /etc/superd/superd.yaml"""),
+    "convert": ("print superd YAML for inetd.conf or xinetd files", """
+        Print superd YAML for inetd.conf or xinetd files (the format is told by
+        content; xinetd's include and includedir are followed).  Whatever cannot
+        be carried over is written as a comment beside the service, with the
+        reason.""",
+        """
+        superd convert /etc/inetd.conf > /etc/superd/superd.yaml
+        superd convert /etc/xinetd.conf > /etc/superd/superd.yaml"""),
+    "explain": ("what would happen to a client at ADDRESS", """
+        Say what would happen to a client at ADDRESS connecting to SERVICE:
+        allowed or denied and by which rule, the limits and the source group it
+        is counted in, the program, its identity and the exact environment it
+        would get.  Works on the file alone; no daemon needs to run.""",
+        """
+        superd explain hello 10.1.2.3
+        superd explain -c etc/superd.yaml hello '[2001:db8::1]:5000'"""),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="superd", description="An inetd-style superserver.")
+        prog="superd", description="An inetd-style superserver.",
+        epilog="'superd COMMAND --help' says more about each command; the manual is superd(8).")
+    parser.add_argument("--version", action=_Version, help="print superd's version and exit")
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                     help=f"configuration file (default {DEFAULT_CONFIG})")
+    cmds = {name: _command(sub, name) for name in _COMMANDS}
+    run = cmds["run"]
     run.add_argument("--daemon", action="store_true",
                      help="detach (double fork) instead of running in the foreground")
     run.add_argument("--pidfile", metavar="F",
@@ -50,31 +141,35 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-target", choices=("stderr", "syslog", "file"),
                      help="where the log goes, over the file's log: target "
                           "(a --daemon superd passes it on to its successor)")
-    run.set_defaults(func=cmd_run)
-    check = sub.add_parser("check", help="validate the configuration and show it")
-    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                     help=f"configuration file (default {DEFAULT_CONFIG})")
-    check.set_defaults(func=cmd_check)
-    status = sub.add_parser("status", help="ask the running daemon what it is doing")
-    status.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                     help=f"configuration file (default {DEFAULT_CONFIG})")
-    status.add_argument("--json", action="store_true", help="print the raw JSON report")
-    status.set_defaults(func=cmd_status)
-    reload = sub.add_parser("reload", help="ask the running daemon to re-read its file")
-    reload.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                     help=f"configuration file (default {DEFAULT_CONFIG})")
-    reload.set_defaults(func=cmd_reload)
-    convert = sub.add_parser("convert", help="print superd YAML for inetd.conf or xinetd files")
-    convert.add_argument("files", nargs="+", metavar="FILE",
-                         help="inetd.conf or xinetd files (xinetd.conf follows includedir)")
-    convert.set_defaults(func=cmd_convert)
-    explain = sub.add_parser("explain", help="what would happen to a client at ADDRESS")
-    explain.add_argument("service", metavar="SERVICE", help="a service name in FILE")
-    explain.add_argument("address", metavar="ADDRESS", help="ADDR, ADDR:PORT or [V6ADDR]:PORT")
-    explain.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                     help=f"configuration file (default {DEFAULT_CONFIG})")
-    explain.set_defaults(func=cmd_explain)
+    cmds["status"].add_argument("--json", action="store_true",
+                                help="print the raw JSON report")
+    for name in ("reload", "stop"):
+        cmds[name].add_argument(
+            "--any-config", action="store_true",
+            help=f"{name} whichever daemon answers on the control socket, "
+                 "whatever file it runs")
+    cmds["convert"].add_argument(
+        "files", nargs="+", metavar="FILE",
+        help="inetd.conf or xinetd files (xinetd.conf follows includedir)")
+    cmds["explain"].add_argument("service", metavar="SERVICE", help="a service name in FILE")
+    cmds["explain"].add_argument("address", metavar="ADDRESS",
+                                 help="ADDR, ADDR:PORT or [V6ADDR]:PORT")
     return parser
+
+
+def _command(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """The subcommand *name*, with its help, description, examples and -c."""
+    short, description, examples = _COMMANDS[name]
+    cmd = sub.add_parser(name, help=short,
+                         description=textwrap.dedent(description).strip(),
+                         epilog="examples:\n" + textwrap.indent(
+                             textwrap.dedent(examples).strip(), "  "),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    if name != "convert":
+        cmd.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                         help=f"configuration file (default {DEFAULT_CONFIG})")
+    cmd.set_defaults(func=globals()[f"cmd_{name}"])
+    return cmd
 
 
 def _load(path: str) -> Config | None:
@@ -153,13 +248,13 @@ def _control_path(path: str) -> str:
     return configmod.default_control_path()
 
 
-def _ask(args: argparse.Namespace, command: str) -> dict[str, object] | None:
+def _ask(path: str, command: str, config: str | None = None) -> dict[str, object] | None:
+    """The reply of the daemon on control socket *path*, or None (said why)."""
     from superd.control import NotRunning, request
     from superd.paths import UnsafePath
 
-    path = _control_path(args.config)
     try:
-        return request(path, command)
+        return request(path, command, config=config)
     except NotRunning as e:
         print(f"superd: {e}", file=sys.stderr)
     except UnsafePath as e:  # never ask a socket someone else could have planted
@@ -173,25 +268,76 @@ def _ask(args: argparse.Namespace, command: str) -> dict[str, object] | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from superd.control import OtherFile, check_file
     from superd.status import add_usage, render
 
-    reply = _ask(args, "status")
+    path = _control_path(args.config)
+    reply = _ask(path, "status")
     if reply is None:
         return 1
     if not reply.get("ok"):
         print(f"superd: {reply.get('error')}", file=sys.stderr)
         return 1
+    try:
+        check_file(path, reply, os.path.abspath(args.config))
+    except OtherFile as e:  # status changes nothing: say whose it is, and show it
+        print(f"superd: note: {e}", file=sys.stderr)
     add_usage(reply)  # here, not in the daemon: walking /proc would stall its loop
     print(json.dumps(reply, indent=2) if args.json else render(reply))
     return 0
 
 
+def _confirmed(args: argparse.Namespace, command: str,
+               verb: str) -> tuple[str, dict[str, object]] | None:
+    """The control socket and status report of the daemon to send *command*
+    to, once it is known to run ``-c FILE``; or None, having said why not.
+
+    Asking ``status`` first works with a daemon of any protocol (its report
+    always names its pid and file); a protocol 2 daemon checks once more
+    when it gets the command itself (see superd.control)."""
+    from superd.control import OtherFile, check_file
+
+    path = _control_path(args.config)
+    report = _ask(path, "status")
+    if report is None:
+        return None
+    if not report.get("ok"):
+        print(f"superd: {report.get('error')}", file=sys.stderr)
+        return None
+    if not args.any_config:
+        try:
+            check_file(path, report, os.path.abspath(args.config))
+        except OtherFile as e:
+            print(f"superd: not {verb}: {e}", file=sys.stderr)
+            reach = f"give -c {e.theirs} to reach that daemon, or " if isinstance(
+                e.theirs, str) else "use "
+            print(f"superd: {reach}--any-config to {command} it anyway", file=sys.stderr)
+            return None
+    return path, report
+
+
+def _send(args: argparse.Namespace, command: str, verb: str,
+          path: str) -> dict[str, object] | None:
+    """Send *command* (with ``config``: the daemon acts only if it runs -c FILE)."""
+    meant = None if args.any_config else os.path.abspath(args.config)
+    reply = _ask(path, command, config=meant)
+    if reply is not None and reply.get("wrong_config"):
+        print(f"superd: not {verb}: {reply.get('error')}", file=sys.stderr)
+        return None
+    return reply
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
-    reply = _ask(args, "reload")
+    found = _confirmed(args, "reload", "reloading")
+    if found is None:
+        return 1
+    path, report = found
+    reply = _send(args, "reload", "reloading", path)
     if reply is None:
         return 1
     if reply.get("ok"):
-        print("superd: configuration reloaded")
+        pid, config = reply.get("pid", report.get("pid")), reply.get("config", report.get("config"))
+        print(f"superd: superd {pid} reloaded {config}")
         return 0
     errors = reply.get("errors") or [reply.get("error")]
     assert isinstance(errors, list)
@@ -204,6 +350,62 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print("superd: the daemon refused the new configuration and keeps the running one",
               file=sys.stderr)
     return 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from superd.control import wait_gone
+
+    found = _confirmed(args, "stop", "stopping")
+    if found is None:
+        return 1
+    path, report = found
+    reply = _send(args, "stop", "stopping", path)
+    if reply is None:
+        return 1
+    if not reply.get("ok"):
+        print(f"superd: {reply.get('error')}", file=sys.stderr)
+        return 1
+    pid = reply.get("pid", report.get("pid"))
+    if not isinstance(pid, int):
+        print(f"superd: the daemon on {path} is stopping, but did not say its pid: "
+              "not waiting for it", file=sys.stderr)
+        return 1
+    print(_stopping_text(pid, reply, report), flush=True)
+    stop_timeout = _number(reply.get("stop_timeout", report.get("stop_timeout")), 10.0)
+    grace = _number(reply.get("kill_grace"), 5.0)
+    limit = (0.0 if reply.get("again") else stop_timeout) + grace + STOP_WAIT_MARGIN
+    try:
+        gone = wait_gone(pid, limit)
+    except KeyboardInterrupt:
+        print(f"\nsuperd: no longer waiting; superd {pid} goes on stopping (`superd stop` "
+              "again stops its programs now)", file=sys.stderr)
+        return 1
+    if not gone:
+        print(f"superd: superd {pid} still runs after {limit:g} s; see its log",
+              file=sys.stderr)
+        return 1
+    print(f"superd: superd {pid} stopped")
+    return 0
+
+
+def _stopping_text(pid: int, reply: dict[str, object], report: dict[str, object]) -> str:
+    """What `superd stop` says the daemon does now."""
+    programs = reply.get("programs")
+    count = f"{programs} program" + ("" if programs == 1 else "s")
+    if reply.get("again"):
+        if not programs:
+            return f"superd: superd {pid} was already stopping"
+        return (f"superd: superd {pid} was already stopping; its {count} get "
+                f"{reply.get('signal', 'SIGTERM')} now")
+    text = f"superd: stopping superd {pid} ({reply.get('config', report.get('config'))})"
+    if isinstance(programs, int) and programs > 0:
+        text += (f": waiting up to {_number(reply.get('stop_timeout'), 10.0):g} s for "
+                 f"{count}; `superd stop` again stops them now")
+    return text
+
+
+def _number(value: object, default: float) -> float:
+    return float(value) if isinstance(value, int | float) else default
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from superd import config as configmod
-from superd import guard, handoff, status
+from superd import control, guard, handoff, status
 from superd import log as logmod
 from superd.accept import Acceptor
 from superd.children import Children
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 _HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
             signal.SIGUSR2, signal.SIGCHLD)
 _READ = selectors.EVENT_READ
+# what stops the programs now, as the person who stopped superd would say it
+_AGAIN = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 BIND_RETRY_FIRST = 1.0  # seconds before a failed bind is tried again; doubles
 BIND_RETRY_MAX = 60.0
 
@@ -83,6 +85,8 @@ class Daemon(Acceptor, HandOver):
         self.throttle = Throttle()
         self.summary_timer: Timer | None = None
         self.stopping = False
+        self.stop_timer: Timer | None = None
+        self.terminated = False  # running programs were sent SIGTERM at a stop
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self.notifier = Notifier()
         self.handed: dict[ListenerKey, tuple[Handed, ListenAddr]] = {}
@@ -158,20 +162,40 @@ class Daemon(Acceptor, HandOver):
                               e.strerror or e)
 
     def _on_control(self, request: dict[str, object]) -> dict[str, object]:
+        """Answer one control request; to a client of protocol 2, say which
+        daemon answered (see superd.control)."""
+        modern = control.protocol_of(request) >= 2
+        reply = self._control_reply(request, modern)
+        if modern:
+            reply.update(protocol=control.PROTOCOL, pid=self.pid, config=self.config_path)
+        return reply
+
+    def _control_reply(self, request: dict[str, object], modern: bool) -> dict[str, object]:
         command = request.get("command")
+        if command not in ("status", "reload", "stop"):
+            return {"ok": False, "error": f"unknown command {command!r} "
+                                          "(status, reload or stop)"}
         if command == "status":
             return status.report(self)
+        refused = control.wrong_file(request, self.pid, self.config_path)
+        if refused is not None:
+            log.warning("control socket: %s refused: it was meant for %s, this superd "
+                        "runs %s", command, request.get("config"), self.config_path)
+            return refused
         if command == "reload":
             errors = self.reload()
             if errors:
                 return {"ok": False, "errors": errors}
             # in force, but a listener that failed to bind is a failure too
             return {"ok": not self.unbound, "applied": True, "errors": self.unbound_text()}
-        if command == "stop":
-            self.stop("stop requested on the control socket")
+        again, programs = self.stopping, len(self.children)
+        now = "SIGKILL" if self.terminated else "SIGTERM"  # what a stop again sends
+        grace = self._grace()
+        self.stop("stop requested on the control socket", "superd stop")
+        if not modern:
             return {"ok": True}
-        return {"ok": False, "error": f"unknown command {command!r} "
-                                      "(status, reload or stop)"}
+        return {"ok": True, "again": again, "signal": now, "programs": programs,
+                "stop_timeout": self.config.stop_timeout, "kill_grace": grace}
 
     def _metrics_snapshot(self) -> dict[str, object]:
         services = {name: {"accepted": st.accepted, "active": st.active,
@@ -248,7 +272,7 @@ class Daemon(Acceptor, HandOver):
             if signum == signal.SIGHUP:
                 self.reload()
             elif signum in (signal.SIGTERM, signal.SIGINT):
-                self.stop(signal.Signals(signum).name)
+                self.stop(signal.Signals(signum).name, _AGAIN[signum])
             elif signum == signal.SIGCHLD:
                 self.children.reap_unwatched()
             elif signum == signal.SIGUSR1:
@@ -283,10 +307,14 @@ class Daemon(Acceptor, HandOver):
         self.notifier.ready(self.status_line())
         return []
 
-    def stop(self, why: str) -> None:
+    def stop(self, why: str, again: str = "a stop") -> None:
+        """Close every listener; running programs get stop_timeout to finish.
+
+        *why* names the cause in the log, *again* what the user does to stop
+        the programs now: the second stop sends them SIGTERM (then SIGKILL
+        after kill_grace), the third SIGKILL."""
         if self.stopping:
-            log.info("%s again: stopping programs now", why)
-            self.children.signal_all(signal.SIGTERM)
+            self._stop_now(why, again)
             return
         self.stopping = True
         if self.bind_timer is not None:
@@ -302,17 +330,46 @@ class Daemon(Acceptor, HandOver):
         self.linger.close_all()
         self._close_sessions()
         if self.children:
-            self.timers.call_later(self.config.stop_timeout, self._stop_timeout)
+            log.info("waiting up to %g s for %s; %s again stops them now",
+                     self.config.stop_timeout, _programs(len(self.children)), again)
+            self.stop_timer = self.timers.call_later(self.config.stop_timeout,
+                                                     self._stop_timeout)
+
+    def _stop_now(self, why: str, again: str) -> None:
+        """A stop while stopping: the running programs stop now."""
+        count = len(self.children)
+        if not count:
+            return
+        if not self.terminated:
+            log.info("%s again: stopping %s now (SIGTERM, then SIGKILL after %g s; %s "
+                     "again kills them)", why, _programs(count), self._grace(), again)
+            self._terminate()
+        else:
+            log.warning("%s again: killing %s now (SIGKILL)", why, _programs(count))
+            self.children.signal_all(signal.SIGKILL)
 
     def _close_sessions(self) -> None:
         for session in list(self.sessions):
             session.close()
 
     def _stop_timeout(self) -> None:
+        if self.terminated:  # a second stop did it already
+            return
         log.warning("stop_timeout: sending SIGTERM to %d program(s)", len(self.children))
+        self._terminate()
+
+    def _terminate(self) -> None:
+        """SIGTERM to every running program now, SIGKILL after kill_grace."""
+        if self.stop_timer is not None:
+            self.stop_timer.cancel()
+            self.stop_timer = None
+        self.terminated = True
         self.children.signal_all(signal.SIGTERM)
-        grace = max((c.service.kill_grace for c in self.children), default=5.0)
-        self.timers.call_later(grace, lambda: self.children.signal_all(signal.SIGKILL))
+        self.timers.call_later(self._grace(), lambda: self.children.signal_all(signal.SIGKILL))
+
+    def _grace(self) -> float:
+        """The longest kill_grace of the running programs' services."""
+        return max((c.service.kill_grace for c in self.children), default=5.0)
 
     # --- configuration ------------------------------------------------
 
@@ -409,6 +466,10 @@ class Daemon(Acceptor, HandOver):
     def unbound_text(self) -> list[str]:
         return [f"{svc.name}: cannot listen on {addr}/{svc.protocol}: {why}"
                 for addr, svc, why in self.unbound.values()]
+
+
+def _programs(count: int) -> str:
+    return f"{count} program" if count == 1 else f"{count} programs"
 
 
 def _noop(signum: int, frame: object) -> None:

@@ -1,7 +1,9 @@
 """What ``superd status`` shows: the report built in the daemon, and its table.
 
 ``report()`` runs inside the daemon (from a control request) and reads only
-the loop's own state: each program's pid, client and age, never ``/proc``.
+the loop's own state: which daemon it is (pid, the absolute path of its
+file, its control socket), each program's pid, client and age, never
+``/proc``.
 ``add_usage()`` and ``render()`` run in the ``superd status`` client, outside
 the loop: one pass over ``/proc`` adds each program's CPU and RSS (with its
 descendants'), however many programs run.
@@ -44,6 +46,7 @@ def report(daemon: Daemon) -> dict[str, Any]:
             "connections": _connections(daemon, svc.name, now),
         })
     return {"ok": True, "pid": daemon.pid, "config": daemon.config_path,
+            "control": cfg.control, "stop_timeout": cfg.stop_timeout,
             "uptime": round(now - daemon.started, 3), "active": daemon.total_active,
             "max_connections": cfg.max_connections, "reloads": dict(daemon.reloads),
             "services": services}

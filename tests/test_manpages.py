@@ -237,6 +237,7 @@ def test_options_match_the_parser() -> None:
     documented = {word.rstrip(",") for tag in entries_tags(SUPERD_8, "OPTIONS")
                   for word in tag.split() if word.startswith("-")}
     code = {"-h", "--help"}
+    code.update(o for a in cli._parser()._actions for o in a.option_strings)  # --version
     synopsis = {plain(line) for line in sections(SUPERD_8)["SYNOPSIS"]}
     for name, sub in subparsers().items():
         for action in sub._actions:
