@@ -7,13 +7,32 @@ optional: on a machine without a compiler or Python headers their build
 fails with a warning, superd installs anyway and starts programs through
 subprocess and a Python trampoline, which is as safe and slower.
 ``superd check`` and the start-up log say which path is in use.
+
+The man pages are ``data_files`` (``[tool.setuptools.data-files]`` in
+pyproject.toml), installed under ``share/man`` of the prefix, where man
+finds them for the ``bin`` directory on PATH.
 """
 
 import os
 import platform
 
-from setuptools import Extension, setup
+from setuptools import Distribution, Extension, setup
 from setuptools.command.build_ext import build_ext
+
+
+class DataFilesInEditable(Distribution):
+    """A Distribution whose data files an editable install installs too.
+
+    setuptools' editable_wheel installs each "non-editable" category whose
+    ``distribution.has_<category>()`` is true, and asks for ``has_data``,
+    which Distribution does not have (it has ``has_data_files``): so
+    ``pip install -e .`` silently skipped the man pages.  Answering the
+    name it asks for makes the editable install copy them, exactly as
+    ``pip install .`` does.
+    """
+
+    def has_data(self) -> bool:
+        return self.has_data_files()
 
 
 class BuildWithHelper(build_ext):
@@ -47,6 +66,7 @@ class BuildWithHelper(build_ext):
 
 
 setup(
+    distclass=DataFilesInEditable,
     cmdclass={"build_ext": BuildWithHelper},
     ext_modules=[
         Extension(

@@ -33,6 +33,10 @@ from conftest import ROOT, free_port, wait_until
 # the system's tools and Python, never a virtualenv's or pyenv's
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 BUILD_DEPS = ("dpkg-buildpackage", "dh", "dh_python3", "apt-get")
+BUILD_FILES = (("/usr/share/build-essential/essential-packages-list", "build-essential"),
+               ("/usr/share/doc/python3-all-dev", "python3-all-dev"),
+               ("/usr/lib/python3/dist-packages/setuptools/__init__.py", "python3-setuptools"),
+               ("/usr/share/doc/pybuild-plugin-pyproject", "pybuild-plugin-pyproject"))
 UNIT = Path("/lib/systemd/system/superd.service")
 CONFIG = Path("/etc/superd/superd.yaml")
 DROP_IN = Path("/etc/superd/conf.d/zz-test-debian.yaml")
@@ -46,6 +50,9 @@ def _missing() -> str | None:
     for tool in BUILD_DEPS:
         if shutil.which(tool, path=SYSTEM_PATH) is None:
             return f"needs {tool} (./dev test installs the package build tools as root)"
+    for path, package in BUILD_FILES:
+        if not Path(path).exists():
+            return f"needs Debian's {package} (./dev test installs it as root)"
     if not (ROOT / "debian" / "control").exists():
         return "no debian/ directory in this tree"
     if subprocess.run(["dpkg-query", "-W", "-f=${Status}", "superd"], capture_output=True,
