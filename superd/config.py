@@ -55,9 +55,10 @@ class ListenAddr:
 class Identity:
     """Who a program runs as.  ``switch`` False: superd's own identity.
 
-    ``ignored`` names the ``user:``/``group:`` a file asked for that superd,
-    not running as root, cannot give (as xinetd does, it runs the program
-    as its own user instead, and says so at check and at load).
+    ``ignored`` names the ``user:``/``group:`` that superd, not running as
+    root, did not apply because it came from ``defaults:`` (the program
+    runs as superd's own user, said at check and load).  One a service
+    names itself is refused instead (superd.fields).
     """
 
     user: str
@@ -92,7 +93,11 @@ class Service:
     max_connections: int = 64
     per_source: int = 16
     source_prefix: tuple[int, int] = (32, 64)
-    rate: float | None = None
+    rate: float | None = None  # new connections a second (a token bucket)
+    # connections the rate lets start at once: the bucket's size.  Set
+    # whenever rate is: burst:, else COUNT of rate: COUNT/PERIOD, else one
+    # second's worth, at least 1
+    burst: float | None = None
     reply_rate: float = 10.0  # internal udp services: replies a second to one source
     on_limit: str = "queue"
     reject_message: str | None = None
@@ -376,4 +381,7 @@ def _log_settings(node: yaml.Node | None, reader: Reader) -> LogSettings:
     values = {k: v for k, v in values.items() if v is not None}
     if "file" in values and "target" not in values:
         values["target"] = "file"
+    if values.get("target") == "file" and "file" not in items:
+        reader.error(items["target"][1], "log.target: file needs log.file: PATH (where "
+                     "the log goes); without it every line would be lost")
     return LogSettings(**values)

@@ -41,7 +41,7 @@ _UNPRINTABLE = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd"
                           "\U00010000-\U0010ffff]")
 _KEY_ORDER = ("enabled", "listen", "protocol", "internal", "exec", "wait", "user", "group",
               "env", "pass_env", "umask", "nice", "rlimits", "max_connections",
-              "per_source", "rate", "allow", "deny", "keepalive", "nodelay")
+              "per_source", "rate", "burst", "allow", "deny", "keepalive", "nodelay")
 
 
 class ConvertError(Exception):

@@ -76,6 +76,7 @@ def _inetd_socket(service: str, socktype: str, proto: str,
     base, *options = proto.split(",")
     if options:
         conv.note(f"{','.join(options)}: superd does not set socket buffer sizes")
+    _tcpmux(service.rpartition(":")[2], conv)
     if base.startswith("rpc/") or ("/" in service and base != "unix"):
         raise Skip("Sun RPC services are not supported by superd")
     kinds = {"stream": "tcp", "dgram": "udp"}
@@ -99,6 +100,18 @@ def _inetd_socket(service: str, socktype: str, proto: str,
         no_port(f"'{name}' is not a port number", conv)
     else:
         conv.binds = _inetd_binds(hosts, port, base[3:], conv)
+
+
+def _tcpmux(service: str, conv: Entry) -> None:
+    """FreeBSD's ``tcpmux/NAME`` (``+NAME``: inetd sends the "+" reply itself)."""
+    head, sep, name = service.partition("/")
+    if head != "tcpmux" or not sep:
+        return
+    conv.name = name.lstrip("+") or "tcpmux"
+    raise Skip(f"TCPMUX (RFC 1078) service '{conv.name}': clients reach it by name "
+               "through the tcpmux service on port 1, and superd has no TCPMUX "
+               "multiplexer; to keep the program, give it a port of its own (listen:) "
+               "and point its clients there")
 
 
 def _inetd_binds(hosts: list[str | None], port: int, family: str,
@@ -135,9 +148,12 @@ def _inetd_wait(text: str, origin: str, conv: Entry) -> tuple[bool, int]:
 
 
 def _per_minute(count: int, conv: Entry) -> None:
-    conv.keys["rate"] = max(0.001, round(count / 60, 3))
+    """inetd's nowait.N: at most N starts within a minute, N of them at once."""
+    conv.keys["rate"] = f"{count}/min"
+    conv.keys["burst"] = count
     conv.note(f"at most {count} starts a minute (inetd stopped the service for ten "
-              f"minutes past that): rate: {count}/60 a second; superd queues instead")
+              f"minutes past that): {count} clients are served at once, then one every "
+              f"{60 / count:g}s; past that superd queues new clients instead")
 
 
 def _inetd_wait_mode(wait: bool, conv: Entry) -> None:

@@ -1,8 +1,12 @@
 """``superd explain SERVICE ADDRESS``: what would happen to that client.
 
-Works on the configuration alone, with the same functions the daemon uses
+Works on the configuration, with the same functions the daemon uses
 (``limits.access``, ``limits.source_group``, ``spawn.base_env``), so the
-answer cannot drift from the behaviour.
+answer cannot drift from the behaviour.  It first asks whether the client
+can connect at all, from the addresses the service listens on: one of
+another address family cannot, and neither can one outside this host when
+the service listens on a loopback address (the one thing asked of the host
+itself: whether the client's address is one of its own).
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import grp
 import ipaddress
 import shlex
+import socket
 
-from superd.config import Config, Service
+from superd.config import Config, ListenAddr, Service
 from superd.limits import IPAddress, access, source_group
 from superd.spawn import base_env
 
@@ -37,9 +42,15 @@ def parse_client(text: str) -> tuple[IPAddress, int | None]:
 
 
 def explain(cfg: Config, svc: Service, ip: IPAddress, port: int | None) -> list[str]:
+    lines = [f"service {svc.name} ({svc.where})"]
+    reached, why = reach(svc, ip)
+    if reached is None:
+        lines.append(f"client {ip}: UNREACHABLE ({why})")
+        lines.append("the client cannot connect: allow/deny and the limits never see it, "
+                     "and no program starts")
+        return lines
     allowed, rule = access(svc, ip)
-    lines = [f"service {svc.name} ({svc.where})",
-             f"client {ip}: {'ALLOWED' if allowed else 'DENIED'} ({rule})"]
+    lines.append(f"client {ip}: {'ALLOWED' if allowed else 'DENIED'} ({rule})")
     if not svc.enabled:
         lines.append("the service is disabled (enabled: false): nothing listens")
     if not allowed:
@@ -52,7 +63,7 @@ def explain(cfg: Config, svc: Service, ip: IPAddress, port: int | None) -> list[
     lines += _program(svc)
     lines.append("environment:")
     env = base_env(svc)
-    env.update(_connection_env(svc, ip, port))
+    env.update(_connection_env(svc, reached, ip, port))
     lines += [f"  {k}={v}" for k, v in env.items()]
     return lines
 
@@ -67,7 +78,10 @@ def _limits(cfg: Config, svc: Service, ip: IPAddress) -> list[str]:
         f"{cfg.max_connections} for all services",
     ]
     if svc.rate:
-        lines.append(f"rate: {svc.rate:g} new connections/s (burst {max(1.0, svc.rate):g})")
+        burst = max(1.0, svc.rate) if svc.burst is None else svc.burst
+        lines.append(f"rate: {svc.rate:g} new connections/s, burst {burst:g} (up to "
+                     f"{burst:g} at once after a quiet spell, then one every "
+                     f"{1 / svc.rate:g}s)")
     if svc.on_limit == "queue":
         lines.append("on_limit: queue (at max_connections or rate, clients wait in "
                      "the listen queue)")
@@ -86,8 +100,6 @@ def _program(svc: Service) -> list[str]:
         except KeyError:
             gname = str(ident.gid)
         switch = "" if ident.switch else " (superd's own identity)"
-        if ident.ignored:
-            switch = f" (user: {ident.ignored} is not applied: superd does not run as root)"
         lines.append(f"runs as: {ident.user} (uid {ident.uid}), group {gname} "
                      f"({ident.gid}){switch}")
     lines.append(f"cwd {svc.cwd}, umask {svc.umask:03o}, nice {svc.nice}, "
@@ -100,18 +112,60 @@ def _program(svc: Service) -> list[str]:
     return lines
 
 
-def _connection_env(svc: Service, ip: IPAddress, port: int | None) -> dict[str, str]:
+def reach(svc: Service, ip: IPAddress) -> tuple[ListenAddr | None, str]:
+    """The listen address *ip* can connect to (the first of them), or None
+    and why none.  A bare port is a dual-stack socket; ``[::]`` is IPv6 only."""
     addrs = [a for a in svc.listen if a.path is None]
     if not addrs:
-        return {"PROTO": "UNIX", "REMOTE_UID": "<peer uid>", "REMOTE_GID": "<peer gid>",
-                "REMOTE_PID": "<peer pid>"}
+        return None, "the service listens only on UNIX socket paths: an IP client cannot " \
+                     "connect to it"
+    same = [a for a in addrs if a.host is None or _version(a.host) == ip.version]
+    if not same:
+        family = "IPv6" if ip.version == 6 else "IPv4"
+        theirs = "IPv4" if ip.version == 6 else "IPv6"
+        return None, (f"the service listens only on {_listing(addrs)}, {theirs}: an "
+                      f"{family} client cannot connect to it")
+    for addr in same:
+        if addr.host is None or not ipaddress.ip_address(addr.host).is_loopback:
+            return addr, ""
+        if ip.is_loopback or is_local(ip):
+            return addr, ""
+    return None, (f"the service listens only on {_listing(same)}, a loopback address: "
+                  f"only programs on this host can connect, and {ip} is not one of this "
+                  "host's addresses")
+
+
+def _version(host: str) -> int:
+    return ipaddress.ip_address(host).version
+
+
+def _listing(addrs: list[ListenAddr]) -> str:
+    return ", ".join(str(a) for a in addrs)
+
+
+def is_local(ip: IPAddress) -> bool:
+    """True if *ip* is one of this host's addresses: a socket can be bound to
+    it (False too where its family is unavailable)."""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
+def _connection_env(svc: Service, addr: ListenAddr, ip: IPAddress,
+                    port: int | None) -> dict[str, str]:
+    """What a program started for *ip*, connected to *addr*, finds in its
+    environment besides the service's own variables."""
     v6 = ip.version == 6
     base = "UDP" if svc.datagram else "TCP"
     proto = base + ("6" if v6 else "")
     if svc.wait:
         return {"PROTO": proto}
-    local = addrs[0].host or "<the address the client connected to>"
+    local = addr.host or "<the address the client connected to>"
     rport = str(port) if port is not None else "<client port>"
     return {"PROTO": proto, "REMOTE_ADDR": str(ip), "REMOTE_PORT": rport,
             "REMOTE_HOST": str(ip), "TCPREMOTEIP": str(ip), "TCPREMOTEPORT": rport,
-            "TCPLOCALIP": local, "TCPLOCALPORT": str(addrs[0].port)}
+            "TCPLOCALIP": local, "TCPLOCALPORT": str(addr.port)}

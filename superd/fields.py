@@ -33,7 +33,7 @@ T = TypeVar("T")
 SERVICE_KEYS = (
     "listen", "protocol", "exec", "internal", "wait", "user", "group", "env",
     "pass_env", "cwd", "umask", "nice", "rlimits", "timeout", "kill_grace",
-    "max_connections", "per_source", "source_prefix", "rate", "on_limit",
+    "max_connections", "per_source", "source_prefix", "rate", "burst", "on_limit",
     "reject_message", "allow", "deny", "stderr", "proxy_protocol",
     "proxy_from", "proxy_timeout", "backlog", "reuseport", "keepalive",
     "nodelay", "mode", "owner", "enabled", "idle_timeout", "reply_rate",
@@ -62,6 +62,14 @@ MAX_NUMBER_TEXT = 40
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# rate: COUNT/PERIOD, PERIOD a unit or a number of seconds: 40/min, 40/60
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(?:(\d+(?:\.\d+)?)|(s|second|min|minute|h|hour))")
+_PERIODS = {"s": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+NOT_A_RATE = ("{key}: '{text}' is not a rate: write a number a second, or COUNT/PERIOD "
+              "such as 40/min (PERIOD: s, min, h or a number of seconds)")
+BURST_NEEDS_RATE = ("burst: needs rate: (burst is how many connections the rate lets "
+                    "start at once)")
+CAP_NET_BIND_SERVICE = 10  # the capability's bit in /proc/self/status CapEff
 USER_REQUIRED = (
     "service '{name}': user: is required when superd runs as root (without it every "
     "such service would share one uid, 'nobody', and could read each other's "
@@ -352,6 +360,8 @@ def service(name: str, entry: tuple[Where, dict[str, Item]],
         if value is not None:
             values[key] = value
     _complete(name, place, items, values, problems)
+    _rate_burst(own, items, values, problems)
+    _bindable(name, place, items, values, problems)
     if len(problems) > before:
         return None
     group = values.pop("group", None)
@@ -414,6 +424,85 @@ def _complete(name: str, place: Where, items: dict[str, Item],
         key = "mode" if "mode" in items else "owner"
         Reader(items[key].file, problems).error(
             items[key].key, f"{key}: applies only to UNIX socket paths")
+
+
+def _rate_burst(own: dict[str, Item], items: dict[str, Item], values: dict[str, Any],
+                problems: list[ConfigProblem]) -> None:
+    """rate: as connections a second, and the burst its bucket holds:
+    burst:, else COUNT of COUNT/PERIOD, else one second's worth (at least 1).
+    A burst: from defaults: shapes only the services that have a rate."""
+    rate = values.get("rate")
+    if rate is not None:
+        per_second, count = rate
+        values["rate"] = per_second
+        values.setdefault("burst", max(1.0, per_second if count is None else count))
+        return
+    rate_item = items.get("rate")
+    if "burst" in own and (rate_item is None or is_null(rate_item.value)):
+        Reader(own["burst"].file, problems).error(own["burst"].key, BURST_NEEDS_RATE)
+    values.pop("burst", None)
+
+
+def _bindable(name: str, place: Where, items: dict[str, Item], values: dict[str, Any],
+              problems: list[ConfigProblem]) -> None:
+    """Not as root, a port below the kernel's unprivileged start cannot be
+    bound: refused at its listen: address (at the name when the port comes
+    from /etc/services).  Disabled services bind nothing."""
+    if "listen" not in values or not values.get("enabled", True):
+        return
+    floor = lowest_bindable_port()
+    if not floor:
+        return
+    item = items.get("listen")
+    if item is None or is_null(item.value):
+        nodes: list[yaml.Node | None] = [None] * len(values["listen"])
+    else:
+        nodes = item.value.value if isinstance(item.value, yaml.SequenceNode) else [item.value]
+    for addr, node in zip(values["listen"], nodes, strict=True):
+        if addr.path is not None or addr.port >= floor:
+            continue
+        why = _low_port(addr.port, floor)
+        if node is None:
+            problems.append(place.problem(
+                f"service '{name}': no listen: given, so it listens on port {addr.port} "
+                f"({name} in /etc/services), and {why}"))
+        else:
+            assert item is not None
+            Reader(item.file, problems).error(node, f"listen: {why}")
+
+
+def _low_port(port: int, floor: int) -> str:
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    return (f"port {port} is below {floor} (net.ipv4.ip_unprivileged_port_start): only "
+            "root or a process with CAP_NET_BIND_SERVICE may listen on it, and superd "
+            f"runs as {me} (uid {os.geteuid()}); run superd as root, or choose a port of "
+            f"{floor} or above")
+
+
+def lowest_bindable_port() -> int:
+    """The lowest port superd can bind, 0 for any: as root, with
+    CAP_NET_BIND_SERVICE, or with sockets handed in by systemd (LISTEN_FDS:
+    it may hand the low ones), any; otherwise the kernel's
+    net.ipv4.ip_unprivileged_port_start (1024 unless set)."""
+    if os.geteuid() == 0 or _has_bind_capability():
+        return 0
+    if (os.environ.get("LISTEN_PID") == str(os.getpid())
+            and os.environ.get("LISTEN_FDS", "0") not in ("", "0")):
+        return 0
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _has_bind_capability() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            caps = next((line.split()[1] for line in f if line.startswith("CapEff:")), "0")
+        return bool(int(caps, 16) >> CAP_NET_BIND_SERVICE & 1)
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _resolve_program(argv: tuple[str, ...], item: Item,
@@ -480,19 +569,50 @@ def _identity(name: str, place: Where, own: dict[str, Item], items: dict[str, It
             gitem = items["group"]
             Reader(gitem.file, problems).error(gitem.value, f"group: no group '{group}'")
             return None
-    if not root and (pw.pw_uid, gid) != (os.geteuid(), os.getegid()):
-        # superd cannot give another identity: its own, said at check and load
-        own = pwd.getpwuid(os.geteuid())
-        return Identity(own.pw_name, own.pw_uid, os.getegid(), tuple(os.getgroups()),
-                        own.pw_dir, own.pw_shell, False, ignored=_wanted(pw.pw_name, group))
+    if not root:
+        return _as_self(name, own, items, user, pw.pw_uid, group, gid, problems)
     groups = _grouplist(pw.pw_name, gid)
     switch = root and (pw.pw_uid, gid, sorted(groups)) != (0, 0, sorted(os.getgroups()))
     # (as root, even `user: root` gets root's groups, not whatever superd inherited)
     return Identity(pw.pw_name, pw.pw_uid, gid, groups, pw.pw_dir, pw.pw_shell, switch)
 
 
-def _wanted(user: str, group: str | None) -> str:
-    return user if group is None else f"{user}:{group}"
+def _as_self(name: str, own: dict[str, Item], items: dict[str, Item], user: str, uid: int,
+             group: str | None, gid: int, problems: list[ConfigProblem]) -> Any:
+    """Not as root, superd starts programs only as itself.  A service that
+    names someone else in its own user: or group: is refused (its program
+    would not run as written).  One that takes them from ``defaults:`` (a
+    file written for root, tried as an ordinary user) runs as superd's own
+    user, and check and the log say so.  Internal services run inside
+    superd, so no user applies to them."""
+    from superd.config import Identity
+
+    me = pwd.getpwuid(os.geteuid())
+    if "exec" in own and uid != me.pw_uid and "user" in own:
+        Reader(own["user"].file, problems).error(own["user"].value, (
+            f"service '{name}': user: {user} cannot be given: superd runs as {me.pw_name} "
+            f"(uid {me.pw_uid}), not as root, and starts programs only as itself; run "
+            f"superd as root, or write user: {me.pw_name} (or no user:)"))
+        return None
+    if "exec" in own and group is not None and gid != os.getegid() and "group" in own:
+        Reader(own["group"].file, problems).error(own["group"].value, (
+            f"service '{name}': group: {group} cannot be given: superd runs as "
+            f"{me.pw_name} with group {_group_name(os.getegid())} ({os.getegid()}), not "
+            "as root, and starts programs only with its own group; run superd as root, "
+            "or remove group:"))
+        return None
+    other = uid != me.pw_uid or (group is not None and gid != os.getegid())
+    ignored = user if group is None else f"{user}:{group}"
+    return Identity(me.pw_name, me.pw_uid, os.getegid(), tuple(os.getgroups()),
+                    me.pw_dir, me.pw_shell, False,
+                    ignored=ignored if other and "exec" in own else "")
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 # --- one parser per key -------------------------------------------------
@@ -722,8 +842,23 @@ def _owner(r: Reader, node: yaml.Node, key: str) -> tuple[int, int] | None:
     return (pw.pw_uid, gid)
 
 
-def _rate(r: Reader, node: yaml.Node, key: str) -> float | None:
-    return r.per_second(node, key, "connections")
+def _rate(r: Reader, node: yaml.Node, key: str) -> tuple[float, float | None] | None:
+    """(connections a second, COUNT of a COUNT/PERIOD or None for a number)."""
+    if not (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":str")):
+        value = r.per_second(node, key, "connections")
+        return None if value is None else (value, None)
+    text = node.value.strip()
+    m = None if too_long(node) else _RATE.fullmatch(text)
+    period = 0.0 if m is None else float(m.group(2) or _PERIODS.get(m.group(3), 0))
+    if m is None or period <= 0:
+        r.error(node, NOT_A_RATE.format(key=key, text=_shown(node.value)))
+        return None
+    count = float(m.group(1))
+    if not MIN_RATE <= count / period <= MAX_RATE:
+        r.error(node, f"{key}: {text} is out of range: at least {MIN_RATE:f}, "
+                      f"at most {MAX_RATE:.0f} connections per second")
+        return None
+    return count / period, count
 
 
 def _reply_rate(r: Reader, node: yaml.Node, key: str) -> float | None:
@@ -751,6 +886,7 @@ _PARSERS: dict[str, Callable[[Reader, yaml.Node, str], Any]] = {
     "per_source": Reader.positive_int,
     "source_prefix": _source_prefix,
     "rate": _rate,
+    "burst": lambda r, n, k: r.integer(n, k, 1, 1_000_000),
     "on_limit": lambda r, n, k: r.choice(n, k, ("queue", "reject")),
     "reject_message": Reader.string,
     "allow": Reader.networks,

@@ -98,13 +98,18 @@ def source_group(service: Service, ip: IPAddress | None) -> str:
 
 
 class TokenBucket:
-    """``rate`` tokens a second, holding at most one second's worth."""
+    """``rate`` tokens a second, holding at most ``capacity`` (the burst: how
+    many may be taken at once after a quiet spell).  Without a capacity it
+    holds one second's worth, at least one token."""
 
     __slots__ = ("rate", "capacity", "tokens", "clock", "last")
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
+                 capacity: float | None = None) -> None:
+        if capacity is not None and not capacity >= 1.0:
+            raise ValueError(f"a token bucket's capacity must be at least 1, not {capacity}")
         self.rate = rate
-        self.capacity = max(1.0, rate)
+        self.capacity = max(1.0, rate) if capacity is None else float(capacity)
         self.tokens = self.capacity
         self.clock = clock
         self.last = clock()
@@ -140,6 +145,17 @@ class TokenBucket:
         # a hair more than the exact quotient, so that floating-point rounding
         # never leaves the bucket just short of a token when the timer fires
         return (1.0 - self.tokens) / self.rate + 5e-10
+
+
+def bucket_for(service: Service, old: TokenBucket | None,
+               clock: Callable[[], float] = time.monotonic) -> TokenBucket:
+    """The bucket for *service*'s ``rate:`` and ``burst:``: *old* while both
+    are unchanged (a reload keeps what clients have spent), else a new full one."""
+    assert service.rate is not None
+    capacity = max(1.0, service.rate) if service.burst is None else float(service.burst)
+    if old is not None and (old.rate, old.capacity) == (service.rate, capacity):
+        return old
+    return TokenBucket(service.rate, clock, capacity)
 
 
 class SourceBuckets:

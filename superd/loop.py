@@ -29,7 +29,7 @@ from superd.control import ControlServer
 from superd.errors import ConfigError
 from superd.handoff import HandOver, Successor
 from superd.internal import LOOP_PORTS, TcpSession, UdpService
-from superd.limits import Throttle, TokenBucket
+from superd.limits import Throttle, TokenBucket, bucket_for
 from superd.linger import Linger
 from superd.listeners import (
     Listener,
@@ -404,9 +404,7 @@ class Daemon(Acceptor, HandOver):
         for svc in cfg.services:
             self.stats.setdefault(svc.name, ServiceStats())
         old = self.buckets
-        self.buckets = {s.name: (old[s.name] if s.name in old and old[s.name].rate == s.rate
-                                 else TokenBucket(s.rate))
-                        for s in cfg.services if s.rate}
+        self.buckets = {s.name: bucket_for(s, old.get(s.name)) for s in cfg.services if s.rate}
         loop_ports = LOOP_PORTS | {a.port for s in cfg.services if s.internal and s.datagram
                                    for a in s.listen}
         self.loop_ports = loop_ports

@@ -215,8 +215,8 @@ def _helper_argv(service: Service) -> tuple[str, ...]:
 
 
 def ignored_text(ident: Identity) -> str:
-    return (f"user: {ident.ignored} is not applied: superd does not run as root, so "
-            f"its programs run as {ident.user}")
+    return (f"user: {ident.ignored} from defaults: is not applied: superd does not run as "
+            f"root, so its programs run as {ident.user}")
 
 
 def failure_text(e: OSError) -> str:

@@ -48,6 +48,27 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
     return bool(predicate())
 
 
+IS_ROOT = os.geteuid() == 0
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def needs_root(why: str) -> pytest.MarkDecorator:
+    """Skip the test unless the suite runs as root, saying *why* it needs root."""
+    return pytest.mark.skipif(not IS_ROOT, reason=f"needs root: {why}")
+
+
+def find_program(name: str) -> str | None:
+    """The path of program *name*: on PATH, else in the sbin directories
+    (haproxy, sshd and in.tftpd live there, and a non-root PATH lacks them)."""
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
+
+
+def needs_program(name: str, package: str) -> pytest.MarkDecorator:
+    """Skip the test unless program *name* is installed (see find_program)."""
+    return pytest.mark.skipif(find_program(name) is None,
+                              reason=f"needs {name} (Debian package {package})")
+
+
 ROOT_DEFAULT_USER = "nobody"
 # The user to write for an exec service whose test is not about identity:
 # as root superd requires user: (nobody is what such services used to get);

@@ -17,10 +17,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Superd, free_port, script, tcp_exchange, wait_until
+from conftest import (
+    IS_ROOT,
+    TEST_USER,
+    Superd,
+    free_port,
+    needs_root,
+    script,
+    tcp_exchange,
+    wait_until,
+)
 
 NOBODY = pwd.getpwnam("nobody")
 ROOT_PW = pwd.getpwuid(0)
+# Who runs a program whose service names no user: nobody as root (conftest's
+# default_user writes it), else the user running the tests (superd's own).
+RUNS_AS = pwd.getpwnam(TEST_USER)
 SYSTEM_DIRS = {"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"}
 CONNECTION_VARS = {"PROTO", "TCPREMOTEIP", "TCPREMOTEPORT", "TCPLOCALIP", "TCPLOCALPORT",
                    "REMOTE_ADDR", "REMOTE_PORT", "REMOTE_HOST"}
@@ -101,6 +113,16 @@ def keyed(raw: bytes) -> dict[str, str]:
     return out
 
 
+def unnamed_identity() -> tuple[int, int, list[int]]:
+    """uid, gid and supplementary groups of a program whose service names no
+    user: nobody's from the group database as root; else superd's own, which
+    are this test process's (superd cannot change them)."""
+    if IS_ROOT:
+        return (NOBODY.pw_uid, NOBODY.pw_gid,
+                sorted(set(os.getgrouplist("nobody", NOBODY.pw_gid))))
+    return os.geteuid(), os.getegid(), sorted(set(os.getgroups()))
+
+
 def status_groups(text: str) -> list[int]:
     m = re.search(r"^Groups:\s*(.*)$", text, re.M)
     assert m, text
@@ -132,16 +154,21 @@ def notify_sock(tmp_path: Path) -> Iterator[socket.socket]:
 
 
 # A wrapper that changes what superd inherits (ignored and blocked signals,
-# supplementary groups), then execs the real superd in the same process.
+# and, as root, supplementary groups), writes what it set to its output (the
+# log) and execs the real superd in the same process.
 WRAPPER = """\
-import os, signal, sys
+import os, re, signal, sys
 for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGALRM, signal.SIGTTOU,
             signal.SIGTTIN, signal.SIGTSTP, signal.SIGPIPE, signal.SIGXFSZ,
             signal.SIGUSR2, signal.SIGWINCH):
     signal.signal(sig, signal.SIG_IGN)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGALRM,
                                           signal.SIGWINCH, signal.SIGCHLD})
-os.setgroups([4, 27, 100])
+if os.geteuid() == 0:
+    os.setgroups([4, 27, 100])
+status = open("/proc/self/status").read()
+for line in re.findall(r"^(?:SigIgn|SigBlk|Groups):.*$", status, re.M):
+    os.write(1, ("wrapper " + line + "\\n").encode())
 os.execv(sys.executable, [sys.executable, "-m", "superd", "run", "-c", sys.argv[1]])
 """
 
@@ -196,7 +223,7 @@ def test_env_is_exactly_the_documented_set(superd, tmp_path: Path, notify_sock) 
         "TCPLOCALIP": "127.0.0.1", "TCPLOCALPORT": str(port),
         "REMOTE_ADDR": "127.0.0.2", "REMOTE_PORT": str(cport), "REMOTE_HOST": "127.0.0.2",
         "SUPERD_SERVICE": "showenv",
-        **user_env(NOBODY),
+        **user_env(RUNS_AS),
         "LANG": "C.UTF-8", "GREETING": "hello world",
     }
     assert d.proc is not None and d.proc.poll() is None
@@ -219,9 +246,10 @@ def test_pass_env_copies_only_what_it_names(superd, tmp_path: Path, notify_sock)
                     "PYTHONPATH"):
         assert private not in env
     assert set(env) == {"PATH", "SECRET_TOKEN", "SUPERD_SERVICE", "PROTO",
-                        *CONNECTION_VARS, *user_env(NOBODY)}
+                        *CONNECTION_VARS, *user_env(RUNS_AS)}
 
 
+@needs_root("user: root is applied only when superd runs as root")
 def test_env_for_root_service_has_root_home(superd, tmp_path: Path) -> None:
     port = free_port()
     superd(f"""
@@ -352,8 +380,12 @@ def test_default_signals_empty_mask_own_session(wrapped_superd, tmp_path: Path,
             exec: [{prog}]
             {settings}
         """)
-    status = Path(f"/proc/{d.pid}/status").read_text()
-    assert re.search(r"^Groups:\s*4 27 100\s*$", status, re.M), status  # the wrapper worked
+    # the wrapper worked: superd inherited ignored and blocked signals
+    wrapped = dict(re.findall(r"^wrapper (\w+):[ \t]*(.*?)[ \t]*$", d.log(), re.M))
+    assert int(wrapped["SigIgn"], 16) and int(wrapped["SigBlk"], 16), d.log()
+    if IS_ROOT:  # and supplementary groups
+        status = Path(f"/proc/{d.pid}/status").read_text()
+        assert re.search(r"^Groups:\s*4 27 100\s*$", status, re.M), status
     out = _signal_report(talk(port)[1])
     assert out["sid"] == out["pid"]
     assert out["SigIgn"] == "0000000000000000", f"ignored in the program: {out['SigIgn']}"
@@ -395,6 +427,7 @@ def _identity(raw: bytes) -> tuple[int, int, list[int]]:
     return int(out["uid"]), int(out["gid"]), status_groups(text)
 
 
+@needs_root("runs the program as nobody")
 def test_user_nobody_gets_group_db_groups(wrapped_superd, tmp_path: Path) -> None:
     prog = script(tmp_path, "id.sh", IDENTITY_SCRIPT)
     port = free_port()
@@ -411,6 +444,7 @@ def test_user_nobody_gets_group_db_groups(wrapped_superd, tmp_path: Path) -> Non
     assert groups == sorted(set(os.getgrouplist("nobody", NOBODY.pw_gid)))
 
 
+@needs_root("user: root is applied only when superd runs as root")
 def test_user_root_gets_roots_groups_not_superds(wrapped_superd, tmp_path: Path) -> None:
     prog = script(tmp_path, "id.sh", IDENTITY_SCRIPT)
     port = free_port()
@@ -428,6 +462,7 @@ def test_user_root_gets_roots_groups_not_superds(wrapped_superd, tmp_path: Path)
     assert set(groups) <= set(os.getgrouplist("root", 0)), groups
 
 
+@needs_root("runs programs as nobody:daemon and root:users")
 def test_group_key_sets_the_primary_group(superd, tmp_path: Path) -> None:
     prog = script(tmp_path, "id.sh", IDENTITY_SCRIPT)
     port, port2 = free_port(), free_port()
@@ -452,6 +487,7 @@ def test_group_key_sets_the_primary_group(superd, tmp_path: Path) -> None:
     assert set(groups) == set(os.getgrouplist("root", 100))
 
 
+@needs_root("runs the program as uid 1")
 def test_user_given_as_number(superd, tmp_path: Path) -> None:
     prog = script(tmp_path, "idenv.sh", IDENTITY_SCRIPT + 'echo "user $USER"\n'
                   'echo "home $HOME"\n')
@@ -470,6 +506,29 @@ def test_user_given_as_number(superd, tmp_path: Path) -> None:
     assert set(groups) == set(os.getgrouplist(daemon_pw.pw_name, daemon_pw.pw_gid))
     out = keyed(raw)
     assert (out["user"], out["home"]) == (daemon_pw.pw_name, daemon_pw.pw_dir)
+
+
+@pytest.mark.skipif(IS_ROOT, reason="as root, user: is applied (the tests above)")
+def test_user_from_defaults_is_not_applied_when_not_root(superd, tmp_path: Path) -> None:
+    """Not as root, a user: from defaults: naming someone else is not applied:
+    the program runs as superd's own user, and the log says so.  (One a
+    service names itself is refused at load: tests/test_check_nonroot.py.)"""
+    prog = script(tmp_path, "idenv.sh", IDENTITY_SCRIPT + 'echo "user $USER"\n')
+    port = free_port()
+    d = superd(f"""
+        defaults:
+          user: root
+        services:
+          rootwho:
+            listen: 127.0.0.1:{port}
+            exec: [{prog}]
+        """)
+    raw = talk(port)[1]
+    assert _identity(raw) == unnamed_identity()
+    assert keyed(raw)["user"] == RUNS_AS.pw_name
+    d.wait_log(r"(?m)warning: rootwho: user: root from defaults: is not applied: superd "
+               r"does not run as "
+               rf"root, so its programs run as {re.escape(RUNS_AS.pw_name)}$")
 
 
 # --- 5. process settings ----------------------------------------------------
@@ -520,7 +579,7 @@ def test_cwd_umask_nice_rlimits_as_nobody(superd, tmp_path: Path) -> None:
     raw = talk(port)[1]
     out = keyed(raw)
     text = raw.decode()
-    assert out["uid"] == str(NOBODY.pw_uid)
+    assert out["uid"] == str(RUNS_AS.pw_uid)
     assert out["cwd"] == str(workdir)
     assert out["umask"] == "0027"
     assert out["nice"] == "5"
@@ -541,9 +600,7 @@ def test_rlimits_alone_keep_user_and_settings(superd, tmp_path: Path) -> None:
             umask: "077"
         """)
     raw = talk(port, source="127.0.0.2")[1]
-    uid, gid, groups = _identity(raw)
-    assert (uid, gid) == (NOBODY.pw_uid, NOBODY.pw_gid)
-    assert groups == sorted(set(os.getgrouplist("nobody", NOBODY.pw_gid)))
+    assert _identity(raw) == unnamed_identity()
     out = keyed(raw)
     assert (out["cwd"], out["umask"], out["nice"]) == ("/", "0077", "0")
     assert _limit(raw.decode(), "Max open files") == ("128", "200")
@@ -560,7 +617,7 @@ def test_rlimits_program_still_sees_connection_env(superd, tmp_path: Path) -> No
         """)
     (cip, cport), raw = talk(port, source="127.0.0.2")
     env = parse_env(raw)
-    expected = {"PATH", "SUPERD_SERVICE", "PROTO", *CONNECTION_VARS, *user_env(NOBODY)}
+    expected = {"PATH", "SUPERD_SERVICE", "PROTO", *CONNECTION_VARS, *user_env(RUNS_AS)}
     assert {k: v for k, v in env.items() if k not in expected} == {}
     assert expected <= set(env)
     assert env["TCPREMOTEPORT"] == str(cport) and env["TCPREMOTEIP"] == "127.0.0.2"

@@ -8,6 +8,7 @@ over, and loads the output with superd's own configuration reader (or
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -17,15 +18,22 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import free_port, run_superd, tcp_exchange
+from conftest import free_port, run_superd, tcp_exchange, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from superd import config
+from superd import config, fields
 from superd.convert import ConvertError, convert
 from superd.errors import ConfigError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "convert"
+# Not as root, superd refuses ports below net.ipv4.ip_unprivileged_port_start
+# and users other than its own: the sources' users and well-known ports are
+# then refused, as they would fail to run.
+ROOT_ONLY = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the converted file names users and ports only root can give")
+SELF = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+LOWEST_PORT = max(1, fields.lowest_bindable_port())
 DEBIAN_XINETD = FIXTURES / "debian-xinetd"
 
 
@@ -114,12 +122,15 @@ def test_debian_inetd_conf_from_update_inetd(tmp_path: Path) -> None:
     # swat is not in /etc/services: left commented out, limits carried anyway
     assert "swat" not in svc
     assert "NOT CONVERTED: 'swat' is not a port number" in block(out, "swat")
-    assert "#   rate: 6.667" in block(out, "swat")
+    assert "#   rate: 400/min\n  #   burst: 400" in block(out, "swat")
     # the only things superd refuses are programs and users this machine lacks
+    # (and, not as root, the users and ports only root can give)
+    refused = ("does not exist", "no user") + (
+        () if os.geteuid() == 0 else ("cannot be given", "is below"))
     with pytest.raises(ConfigError) as e:
         load_output(tmp_path, out)
     for problem in e.value.problems:
-        assert "does not exist" in problem.message or "no user" in problem.message, problem
+        assert any(why in problem.message for why in refused), problem
 
 
 # --- inetd.conf, each form -------------------------------------------------
@@ -142,8 +153,10 @@ def test_inetd_internal_services(tricky_inetd: str) -> None:
 def test_inetd_protocol_families_and_rate(tricky_inetd: str) -> None:
     svc = services(tricky_inetd)
     assert svc["2323"] == {"listen": "[::]:2323", "exec": ["/bin/cat", "-u"],
-                           "user": "nobody", "group": "nogroup", "rate": 2.0}
+                           "user": "nobody", "group": "nogroup", "rate": "120/min",
+                           "burst": 120}
     assert "at most 120 starts a minute" in block(tricky_inetd, "'2323'")
+    assert "120 clients are served at once" in block(tricky_inetd, "'2323'")
     assert svc["2929"]["listen"] == 2929
     assert "rcvbuf=64k,sndbuf=1m: superd does not set socket buffer sizes" in tricky_inetd
 
@@ -202,9 +215,11 @@ def test_inetd_overlaps_follow_superds_rule(tmp_path: Path) -> None:
     load_output(tmp_path, out)
 
 
+@ROOT_ONLY
 def test_tricky_inetd_loads(tricky_inetd: str, tmp_path: Path) -> None:
     cfg = load_output(tmp_path, tricky_inetd)
     assert cfg.service("2323").rate == 2.0
+    assert cfg.service("2323").burst == 120
 
 
 # --- xinetd, each attribute ------------------------------------------------
@@ -292,6 +307,7 @@ def test_xinetd_repeated_attributes_and_overlap(tricky_xinetd: str) -> None:
     assert "listens where service 'first' does" in text
 
 
+@ROOT_ONLY
 def test_tricky_xinetd_passes_check(tricky_xinetd: str, tmp_path: Path) -> None:
     result = run_superd("check", "-c", str(write(tmp_path / "superd.yaml", tricky_xinetd)))
     assert result.returncode == 0, result.stderr
@@ -359,12 +375,12 @@ _WORD = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp"
 
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(args=st.lists(_WORD, max_size=5), port=st.integers(1, 65535))
+@given(args=st.lists(_WORD, max_size=5), port=st.integers(LOWEST_PORT, 65535))
 def test_any_argv_survives_the_yaml(tmp_path: Path, args: list[str], port: int) -> None:
-    line = f"127.0.0.1:{port} stream tcp nowait nobody /bin/cat cat {' '.join(args)}\n"
+    line = f"127.0.0.1:{port} stream tcp nowait {SELF} /bin/cat cat {' '.join(args)}\n"
     out = convert([str(write(tmp_path / "inetd.conf", line))])
     assert services(out) == {str(port): {"listen": f"127.0.0.1:{port}",
-                                         "exec": ["/bin/cat", *args], "user": "nobody"}}
+                                         "exec": ["/bin/cat", *args], "user": SELF}}
     assert load_output(tmp_path, out).service(str(port)).exec == ("/bin/cat", *args)
 
 
@@ -373,7 +389,7 @@ def test_any_argv_survives_the_yaml(tmp_path: Path, args: list[str], port: int) 
 
 def test_round_trip_inetd_echo_and_cat(tmp_path: Path, superd: Any) -> None:
     port, cat_port = free_port(), free_port()
-    user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+    user = SELF
     source = write(tmp_path / "inetd.conf", (
         "# inetd.conf for the round trip\n"
         "127.0.0.1:\n"
@@ -395,6 +411,81 @@ def test_round_trip_inetd_echo_and_cat(tmp_path: Path, superd: Any) -> None:
         s.bind(("127.0.0.1", 0))
         s.sendto(b"datagram", ("127.0.0.1", port))
         assert s.recvfrom(100)[0] == b"datagram"
+
+
+def _status(config_path: Path) -> dict[str, Any]:
+    result = run_superd("status", "--json", "-c", str(config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def _service_status(config_path: Path, name: str) -> dict[str, Any]:
+    return next(s for s in _status(config_path)["services"] if s["name"] == name)
+
+
+def test_inetd_nowait_n_serves_n_clients_at_once(tmp_path: Path, superd: Any) -> None:
+    """OpenBSD/netkit inetd's nowait.N: at most N starts a minute, and N
+    clients arriving together are all served at once.  Converted to a rate
+    of N a minute with a burst of one, the 2nd and 3rd client each waited a
+    rate interval (20 s here)."""
+    port, n = free_port(), 3
+    user = SELF
+    source = write(tmp_path / "inetd.conf",
+                   f"127.0.0.1:{port} stream tcp nowait.{n} {user} /bin/echo echo served\n")
+    out = convert([str(source)])
+    assert services(out) == {str(port): {
+        "listen": f"127.0.0.1:{port}", "exec": ["/bin/echo", "served"], "user": user,
+        "rate": f"{n}/min", "burst": n}}  # no on_limit: superd's default, queue
+    d = superd(out)
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+    try:
+        # a rate interval is 20 s: a client that had to wait one times out here
+        replies = [_read_all(c) for c in clients]
+    except TimeoutError:
+        pytest.fail(f"a client waited for a rate interval: the burst is not {n}\n{d.log()}")
+    finally:
+        for c in clients:
+            c.close()
+    assert replies == [b"served\n"] * n, d.log()
+    assert _service_status(d.config_path, str(port))["accepted"] == n
+    # the N+1th within the minute waits in the listen queue (on_limit: queue):
+    # neither served nor refused while the bucket refills
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as late:
+        assert wait_until(lambda: _service_status(d.config_path, str(port))["listeners"]
+                          == [{"address": f"127.0.0.1:{port}/tcp",
+                               "state": "paused by rate"}], 10), _status(d.config_path)
+        state = _service_status(d.config_path, str(port))
+        assert (state["accepted"], state["rejected"]) == (n, {}), state
+        late.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no reply yet, and no EOF: still queued
+            late.recv(100)
+    assert "refused" not in d.log(), d.log()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("service", ["tcpmux/+hello", "tcpmux/hello", "127.0.0.1:tcpmux/+hi"])
+def test_inetd_tcpmux_entries_are_labelled_tcpmux(tmp_path: Path, service: str) -> None:
+    """FreeBSD's tcpmux/NAME (and +NAME) entries are RFC 1078 TCPMUX
+    services, reached by name through port 1: not Sun RPC."""
+    source = write(tmp_path / "inetd.conf",
+                   f"{service} stream tcp nowait nobody /bin/cat cat\n"
+                   "rstatd/1-3 dgram rpc/udp wait root /usr/sbin/rpc.rstatd rpc.rstatd\n")
+    out = convert([str(source)])
+    name = service.rpartition("/")[2]
+    text = block(out, name.lstrip("+"))
+    assert "Sun RPC" not in text, text
+    assert (f"NOT CONVERTED: TCPMUX (RFC 1078) service '{name.lstrip('+')}': clients "
+            "reach it by name through the tcpmux service on port 1, and superd has no "
+            "TCPMUX multiplexer") in text, text
+    assert ("Sun RPC services are not supported"
+            in block(out, "rstatd-1-3"))  # RPC is still RPC
+    assert services(out) == {}
 
 
 # --- found by fuzzing (fuzz/convert_inetd.py, fuzz/convert_xinetd.py) --------

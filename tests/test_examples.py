@@ -5,7 +5,9 @@ its port and paths (every substituted text must still be in the example, so
 the test notices when the example changes), starts superd on it and talks
 to the service with the program's own client: ssh, tftp, git, rsync,
 urllib and a UNIX socket.  A test is skipped, saying what is missing, when
-its program or client is not installed; ``.ci/run`` installs them.
+its program or client is not installed (``.ci/run`` installs them), or when
+its example needs root and the tests do not run as root; the others run as
+any user (not as root, ``user: nobody`` is not applied).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, Superd, free_port, run_superd
+from conftest import ROOT, Superd, free_port, needs_root, run_superd
 
 Start = Callable[..., Superd]
 
@@ -39,16 +41,21 @@ TOOLS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLIENT_TIMEOUT = 30
 
 
+# The Debian package of each program the tests need (.ci/run installs them).
+PACKAGES = {"/usr/sbin/sshd": "openssh-server", "ssh": "openssh-client",
+            "ssh-keygen": "openssh-client", "/usr/sbin/in.tftpd": "tftpd-hpa",
+            "tftp": "tftp-hpa", "/usr/bin/git": "git", "/usr/bin/rsync": "rsync",
+            "/bin/sh": "dash"}
+
+
 def need(*programs: str) -> None:
     """Skip unless every program (an absolute path or a name) is installed."""
     missing = [p for p in programs
                if not (os.access(p, os.X_OK) if p.startswith("/")
                        else shutil.which(p, path=TOOLS_PATH))]
     if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (.ci/run installs openssh-server "
-                    "openssh-client tftpd-hpa tftp-hpa git rsync)")
-    if os.geteuid() != 0:
-        pytest.skip("the examples run programs as root or nobody: run the tests as root")
+        pytest.skip("needs " + ", ".join(
+            f"{p} (Debian package {PACKAGES.get(p, 'providing it')})" for p in missing))
 
 
 def example(name: str, replace: dict[str, str]) -> str:
@@ -124,6 +131,7 @@ def root_password_locked() -> bool:
     return any(line.startswith("root:!") for line in lines)
 
 
+@needs_root("the example runs sshd as root, to log in as root")
 def test_sshd_inetd_mode_runs_a_command(superd: Start, tmp_path: Path) -> None:
     need("/usr/sbin/sshd", "ssh", "ssh-keygen")
     if root_password_locked():
@@ -154,6 +162,7 @@ def test_sshd_inetd_mode_runs_a_command(superd: Start, tmp_path: Path) -> None:
     d.wait_log(r"ssh\[\d+\]: Accepted publickey for root from 127\.0\.0\.1")
 
 
+@needs_root("the example runs sshd as root")
 def test_sshd_refuses_a_password_login(superd: Start, tmp_path: Path) -> None:
     need("/usr/sbin/sshd", "ssh")
     port = free_port()
@@ -174,6 +183,7 @@ def test_sshd_refuses_a_password_login(superd: Start, tmp_path: Path) -> None:
 # --- tftpd-hpa: UDP wait mode -----------------------------------------------
 
 
+@needs_root("the example runs in.tftpd as root, which drops to user tftp itself")
 def test_tftpd_serves_files_from_one_waiting_program(superd: Start, tmp_path: Path) -> None:
     need("/usr/sbin/in.tftpd", "tftp")
     try:
@@ -301,6 +311,7 @@ def test_http_responder_answers_get_head_and_others(superd: Start, tmp_path: Pat
 # --- a UNIX-socket service --------------------------------------------------
 
 
+@needs_root("the example's socket file is owned by root:adm")
 def test_unix_socket_service_sees_its_peer(superd: Start, tmp_path: Path) -> None:
     need("/bin/sh")
     try:

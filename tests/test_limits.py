@@ -472,9 +472,11 @@ def test_rate_queue_serves_everyone_eventually(superd: Start, tmp_path: Path) ->
 @pytest.fixture
 def explain_config(tmp_path: Path) -> Path:
     path = tmp_path / "explain.yaml"
+    # Never bound (explain reads the file only); on every address, so that the
+    # clients asked about, from anywhere and of either family, can connect.
     path.write_text(_config(tmp_path, f"""
         web:
-          listen: 127.0.0.1:{free_port()}
+          listen: {free_port()}
           exec: [/bin/cat, -u]
           user: nobody
           allow: [10.0.0.0/8, "2001:db8::/32"]
@@ -484,7 +486,7 @@ def explain_config(tmp_path: Path) -> Path:
           on_limit: reject
           reject_message: "busy\\n"
         fine:
-          listen: 127.0.0.1:{free_port()}
+          listen: {free_port()}
           exec: [/bin/cat]
           user: nobody
           source_prefix: {{v4: 24, v6: 128}}
@@ -554,7 +556,7 @@ def test_explain_environment(explain_config: Path) -> None:
     assert with_port["TCPREMOTEPORT"] == with_port["REMOTE_PORT"] == "4567"
     assert with_port["PROTO"] == "TCP"
     assert with_port["SUPERD_SERVICE"] == "web"
-    assert with_port["USER"] == "nobody"
+    assert with_port["USER"] == TEST_USER  # user: nobody is applied only as root
     no_port = env("10.1.2.3")
     assert no_port["REMOTE_ADDR"] == "10.1.2.3"
     assert not no_port["TCPREMOTEPORT"].isdigit()

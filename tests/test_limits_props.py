@@ -14,13 +14,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from conftest import TEST_USER
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from superd import config as configmod
 from superd.config import Network, Service
-from superd.limits import IPAddress, TokenBucket, access, client_ip, source_group
+from superd.limits import (
+    IPAddress,
+    TokenBucket,
+    access,
+    bucket_for,
+    client_ip,
+    source_group,
+)
 
 # --- a Service to vary ----------------------------------------------------------
 
@@ -31,7 +39,7 @@ def _base_service() -> Service:
     directory = Path(tempfile.mkdtemp(prefix="superd-props-"))
     path = directory / "superd.yaml"
     path.write_text(f"control: {directory}/control.sock\n"
-                    "services:\n  t:\n    listen: 127.0.0.1:1\n    exec: [/bin/cat]\n"
+                    "services:\n  t:\n    listen: 127.0.0.1:2000\n    exec: [/bin/cat]\n"
                     f"    user: {TEST_USER}\n")
     os.chmod(path, 0o644)
     try:
@@ -313,3 +321,184 @@ def test_token_bucket_wait_is_exactly_enough(rate: float, extra_takes: int) -> N
         bucket.take()
     clock.now += bucket.wait()
     assert bucket.ready(), (bucket.tokens, bucket.wait())
+
+
+# --- TokenBucket with a capacity (burst:) ------------------------------------------
+
+capacities = st.integers(1, 500)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rates, capacities, steps)
+def test_bucket_with_a_capacity_stays_between_zero_and_it(
+        rate: float, capacity: int, schedule: list[tuple[float, int]]) -> None:
+    """However it is used, the bucket never holds less than nothing or more
+    than its capacity, and never gives more than capacity + rate * t tokens
+    in t seconds."""
+    clock = FakeClock()
+    bucket = TokenBucket(rate, clock, capacity=capacity)
+    assert bucket.capacity == capacity
+    start, taken = clock.now, 0
+    for advance, attempts in schedule:
+        clock.now += advance
+        assert bucket.ready() == (bucket.tokens >= 1.0)
+        assert 0.0 <= bucket.tokens <= capacity
+        for _ in range(attempts):
+            taken += bucket.take()
+            assert 0.0 <= bucket.tokens <= capacity
+        assert taken <= capacity + rate * (clock.now - start) + 1e-6, (taken, clock.now - start)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rates, capacities)
+def test_a_full_bucket_gives_its_whole_capacity_at_once(rate: float, capacity: int) -> None:
+    """inetd's nowait.N: N clients arriving together are all served at once."""
+    clock = FakeClock()
+    bucket = TokenBucket(rate, clock, capacity=capacity)
+    results = [bucket.take() for _ in range(capacity + 3)]
+    assert results == [True] * capacity + [False] * 3
+    clock.now += bucket.wait()
+    assert bucket.take()  # one interval later, exactly one more
+    assert not bucket.take()
+    clock.now += capacity / rate + 1e-6  # a quiet spell refills it to the brim, no more
+    assert sum(bucket.take() for _ in range(capacity + 3)) == capacity
+
+
+@given(rates)
+def test_default_capacity_is_one_seconds_worth_as_before(rate: float) -> None:
+    """Without a capacity the bucket is what it always was: one second's
+    worth, at least one token (what the daemon builds until it passes one)."""
+    assert TokenBucket(rate, FakeClock()).capacity == max(1.0, rate)
+    assert TokenBucket(rate, FakeClock(), capacity=None).capacity == max(1.0, rate)
+
+
+@given(rates, st.floats(min_value=-5.0, max_value=0.999, allow_nan=False))
+def test_a_capacity_below_one_token_is_refused(rate: float, capacity: float) -> None:
+    try:
+        TokenBucket(rate, FakeClock(), capacity=capacity)
+    except ValueError as e:
+        assert "at least 1" in str(e)
+    else:
+        raise AssertionError(f"capacity {capacity} accepted")
+
+
+@given(rates, capacities, st.integers(0, 5))
+def test_wait_is_exactly_enough_with_a_capacity(rate: float, capacity: int,
+                                                extra_takes: int) -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate, clock, capacity=capacity)
+    for _ in range(capacity + extra_takes):
+        bucket.take()
+    clock.now += bucket.wait()
+    assert bucket.ready(), (bucket.tokens, bucket.wait())
+
+
+def test_bucket_for_keeps_a_bucket_only_while_rate_and_burst_are_unchanged() -> None:
+    """What the daemon calls at every load: a reload that leaves rate and
+    burst alone keeps the bucket (and its debt); any change starts afresh."""
+    clock = FakeClock()
+    svc = _service(rate=0.05, burst=3)
+    first = bucket_for(svc, None, clock)
+    assert (first.rate, first.capacity) == (0.05, 3)
+    assert [first.take() for _ in range(4)] == [True, True, True, False]
+    assert bucket_for(svc, first, clock) is first
+    assert bucket_for(_service(rate=0.05, burst=4), first, clock) is not first
+    assert bucket_for(_service(rate=0.1, burst=3), first, clock) is not first
+    plain = bucket_for(_service(rate=5.0, burst=None), None, clock)
+    assert plain.capacity == 5.0  # no burst: one second's worth, as before
+
+
+# --- rate: and burst: as written in the file -------------------------------------------
+
+
+def _load_text(text: str) -> tuple[str, str, Service | list[str]]:
+    """Load a one-service file ending in *text*: (its path, its whole text,
+    the Service or the problems as ``FILE:LINE:COL: message`` lines)."""
+    directory = Path(tempfile.mkdtemp(prefix="superd-props-"))
+    path = directory / "superd.yaml"
+    whole = (f"control: {directory}/control.sock\n"
+             "services:\n  t:\n    listen: 127.0.0.1:2000\n    exec: [/bin/cat]\n"
+             f"    user: {TEST_USER}\n" + text)
+    path.write_text(whole)
+    os.chmod(path, 0o644)
+    try:
+        return str(path), whole, configmod.load(str(path)).services[0]
+    except configmod.ConfigError as e:
+        return str(path), whole, [str(p) for p in e.problems]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+PERIODS = {"s": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
+           "hour": 3600.0}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 100_000), st.sampled_from(sorted(PERIODS)))
+def test_rate_count_per_period_holds_one_periods_worth(count: int, unit: str) -> None:
+    """rate: COUNT/PERIOD is COUNT a PERIOD, and COUNT may start at once."""
+    _, _, svc = _load_text(f"    rate: {count}/{unit}\n")
+    assert isinstance(svc, Service), svc
+    assert svc.rate == count / PERIODS[unit]
+    assert svc.burst == max(1, count)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 10_000), st.integers(1, 86_400), st.integers(1, 1000))
+def test_rate_count_per_seconds_and_an_explicit_burst(count: int, seconds: int,
+                                                      burst: int) -> None:
+    _, _, svc = _load_text(f"    rate: {count}/{seconds}\n    burst: {burst}\n")
+    assert isinstance(svc, Service), svc
+    assert svc.rate == count / seconds
+    assert svc.burst == burst
+
+
+@given(st.floats(min_value=0.001, max_value=1_000_000, allow_nan=False))
+@settings(max_examples=50, deadline=None)
+def test_a_plain_rate_keeps_one_seconds_worth(rate: float) -> None:
+    _, _, svc = _load_text(f"    rate: {rate!r}\n")
+    assert isinstance(svc, Service), svc
+    assert svc.rate == rate and svc.burst == max(1.0, rate)
+
+
+@pytest.mark.parametrize(("line", "needle", "message"), [
+    ("rate: 40/fortnight", "40/fortnight",
+     "rate: '40/fortnight' is not a rate: write a number a second, or COUNT/PERIOD "
+     "such as 40/min (PERIOD: s, min, h or a number of seconds)"),
+    ("rate: 0/min", "0/min", "rate: 0/min is out of range: at least 0.000001, "
+                             "at most 1000000 connections per second"),
+    ("rate: 1/0", "1/0", "rate: '1/0' is not a rate: write a number a second"),
+    ("rate: 2000000/s", "2000000/s", "rate: 2000000/s is out of range"),
+    ("rate: 10\n    burst: 0", "0", "burst: 0 is out of range 1..1000000"),
+    ("rate: 10\n    burst: 2.5", "2.5", "burst: expected a whole number, got a number"),
+    ("burst: 40", "burst", "burst: needs rate: (burst is how many connections the rate "
+                           "lets start at once)"),
+])
+def test_rate_and_burst_mistakes_are_located(line: str, needle: str, message: str) -> None:
+    path, text, found = _load_text(f"    {line}\n")
+    assert isinstance(found, list), found
+    index = text.rindex(needle)
+    row, col = text.count("\n", 0, index) + 1, index - text.rfind("\n", 0, index)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}:{row}:{col}: {message}"), (found, row, col)
+
+
+def test_burst_from_defaults_needs_no_rate_in_every_service() -> None:
+    """defaults: {burst: 5} shapes the services that have a rate and
+    leaves the others unlimited, as any limit in defaults does."""
+    directory = Path(tempfile.mkdtemp(prefix="superd-props-"))
+    path = directory / "superd.yaml"
+    path.write_text(f"control: {directory}/control.sock\n"
+                    f"defaults: {{burst: 5, user: {TEST_USER}}}\n"
+                    "services:\n"
+                    "  a: {listen: '127.0.0.1:2000', exec: [/bin/cat], rate: 1/min}\n"
+                    "  b: {listen: '127.0.0.1:2001', exec: [/bin/cat]}\n")
+    os.chmod(path, 0o644)
+    try:
+        cfg = configmod.load(str(path))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    a, b = cfg.service("a"), cfg.service("b")
+    assert a is not None and b is not None
+    assert (a.rate, a.burst) == (1 / 60, 5)
+    assert (b.rate, b.burst) == (None, None)

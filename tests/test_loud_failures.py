@@ -149,3 +149,17 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_log_file_target_without_a_file_is_refused(tmp_path: Path) -> None:
+    """Found while writing docs/: ``log: {target: file}`` with no ``file:`` was
+    accepted and logged to stderr (under --daemon: nowhere)."""
+    config = tmp_path / "superd.yaml"
+    config.write_text(f"control: {tmp_path}/control.sock\n"
+                      "log: {level: info, target: file}\nservices: {}\n")
+    os.chmod(config, 0o644)
+    result = run_superd("check", "-c", str(config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (f"{config}:2:28: log.target: file needs log.file: PATH (where the log goes); "
+            "without it every line would be lost") in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -29,6 +29,7 @@ from conftest import (
     TEST_USER,
     Superd,
     free_port,
+    needs_root,
     run_superd,
     script,
     tcp_exchange,
@@ -363,6 +364,7 @@ def test_status_and_reload_without_a_daemon(tmp_path: Path) -> None:
 # --- 3. the control socket -------------------------------------------------
 
 
+@needs_root("runs control clients as nobody (setpriv)")
 def test_control_socket_serves_only_root(superd: StartSuperd, tmp_path: Path) -> None:
     d = superd("services: {}\n")
     path = str(tmp_path / "control.sock")

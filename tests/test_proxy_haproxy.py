@@ -23,7 +23,6 @@ import os
 import re
 import resource
 import selectors
-import shutil
 import signal
 import socket
 import struct
@@ -36,7 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, TEST_USER, Superd, free_port, run_superd, script, wait_until
+from conftest import (
+    ROOT,
+    TEST_USER,
+    Superd,
+    find_program,
+    free_port,
+    needs_program,
+    run_superd,
+    script,
+    wait_until,
+)
 
 Start = Callable[..., Superd]
 
@@ -597,9 +606,8 @@ def test_slowloris_of_idle_connections_delays_no_one_and_times_out(
 
 # --- 6. a real HAProxy -----------------------------------------------------
 
-HAPROXY = shutil.which("haproxy")
-needs_haproxy = pytest.mark.skipif(
-    HAPROXY is None, reason="haproxy is not installed (Debian package haproxy)")
+HAPROXY = find_program("haproxy")
+needs_haproxy = needs_program("haproxy", "haproxy")
 
 
 def _haproxy_config(v1_front: int, v2_front: int, superd_port: int) -> str:
