@@ -839,6 +839,11 @@ def _owner(r: Reader, node: yaml.Node, key: str) -> tuple[int, int] | None:
     except (KeyError, ValueError, OverflowError):
         r.error(node, f"owner: no such user or group in '{text}'")
         return None
+    euid = os.geteuid()
+    if euid != 0 and (pw.pw_uid != euid or gid not in (os.getegid(), *os.getgroups())):
+        r.error(node, f"owner: {text} cannot be given: superd does not run as root, so "
+                      "its sockets can belong only to its own user and one of its groups")
+        return None
     return (pw.pw_uid, gid)
 
 

@@ -55,10 +55,16 @@ class Listener:
         return self.sock.fileno()
 
     def describe(self) -> str:
-        if self.addr.path is not None:
-            kind = "dgram" if self.service.protocol == "udp" else "stream"
-            return f"{self.addr} (unix {kind})"
-        return f"{self.addr}/{self.service.protocol}"
+        return describe(self.addr, self.service)
+
+
+def describe(addr: ListenAddr, service: Service) -> str:
+    """An address as the log and status show it: 127.0.0.1:7/tcp, or
+    /run/x.sock (unix stream)."""
+    if addr.path is not None:
+        kind = "dgram" if service.protocol == "udp" else "stream"
+        return f"{addr} (unix {kind})"
+    return f"{addr}/{service.protocol}"
 
 
 def key_for(addr: ListenAddr, protocol: str) -> ListenerKey:

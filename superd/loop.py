@@ -37,6 +37,7 @@ from superd.listeners import (
     State,
     adopt_listener,
     apply_options,
+    describe,
     key_for,
     open_listener,
     socket_address,
@@ -412,8 +413,8 @@ class Daemon(Acceptor, HandOver):
         for key, (addr, svc) in wanted.items():
             why = self._listen(key, addr, svc)
             if why is not None:
-                log.error("%s: cannot listen on %s/%s: %s; retrying", svc.name, addr,
-                          svc.protocol, why)
+                log.error("%s: cannot listen on %s: %s; retrying", svc.name,
+                          describe(addr, svc), why)
                 self.unbound[key] = (addr, svc, why)
         self.bind_retry = BIND_RETRY_FIRST
         self._arm_bind_retry()
@@ -454,7 +455,7 @@ class Daemon(Acceptor, HandOver):
             why = self._listen(key, addr, svc)
             if why is None:
                 del self.unbound[key]
-                log.info("%s: now listening on %s/%s", svc.name, addr, svc.protocol)
+                log.info("%s: now listening on %s", svc.name, describe(addr, svc))
             else:
                 self.unbound[key] = (addr, svc, why)
         self.bind_retry = min(self.bind_retry * 2, BIND_RETRY_MAX)
@@ -462,7 +463,7 @@ class Daemon(Acceptor, HandOver):
         self.notifier.status(self.status_line())
 
     def unbound_text(self) -> list[str]:
-        return [f"{svc.name}: cannot listen on {addr}/{svc.protocol}: {why}"
+        return [f"{svc.name}: cannot listen on {describe(addr, svc)}: {why}"
                 for addr, svc, why in self.unbound.values()]
 
 

@@ -229,3 +229,19 @@ def test_root_is_unchanged(tmp_path: Path) -> None:
     result = run_superd("check", "-c", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "note:" not in result.stdout
+
+
+def test_a_socket_owner_other_than_ones_own_is_an_error(tmp_path: Path) -> None:
+    """Before, not as root, ``owner:`` naming someone else passed check and
+    the listener then failed to bind (EPERM) for ever, retrying."""
+    path, text = write(tmp_path, """\
+        services:
+          local:
+            listen: /tmp/superd-never-bound/s.sock
+            internal: echo
+            owner: "root:root"
+        """)
+    found = refusals(check_as_nobody(path))
+    assert found == [at(path, text, '"root:root"', (
+        "owner: root:root cannot be given: superd does not run as root, so its sockets "
+        "can belong only to its own user and one of its groups"))], "\n".join(found)

@@ -219,7 +219,8 @@ def test_stale_probe_does_not_block_on_a_full_backlog(superd: Start, tmp_path: P
           local: {{listen: {busy}, internal: echo}}
           inet: {{listen: "127.0.0.1:{port}", internal: echo}}
         """)  # waits (at most 15 s) for "ready:"
-        d.wait_log(rf"cannot listen on {re.escape(str(busy))}/tcp: .*in use by another process")
+        d.wait_log(rf"cannot listen on {re.escape(str(busy))} \(unix stream\): "
+                   r".*in use by another process")
         d.reload()  # a reload probes again: it must not freeze either
         d.wait_log(r"in use by another process", count=2)
         assert os.lstat(busy).st_ino == inode
@@ -420,7 +421,7 @@ def test_a_live_socket_of_another_type_is_not_taken_for_stale(
           local: {{listen: {path}, internal: echo}}
           inet: {{listen: "127.0.0.1:{port}", internal: echo}}
         """)
-        d.wait_log(rf"cannot listen on {re.escape(str(path))}/tcp: .*in use")
+        d.wait_log(rf"cannot listen on {re.escape(str(path))} \(unix stream\): .*in use")
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
             client.connect(str(path))  # still theirs
         assert os.lstat(path).st_ino == inode

@@ -352,7 +352,7 @@ def test_unix_stream_socket(superd: Start, tmp_path: Path) -> None:
 
     # a regular file in the way is left alone; that service alone is down
     assert blocker.read_text() == "precious data\n"
-    d.wait_log(rf"error: blocked: cannot listen on {re.escape(str(blocker))}/tcp: .*"
+    d.wait_log(rf"error: blocked: cannot listen on {re.escape(str(blocker))} \(unix stream\): .*"
                r"not a socket")
     assert tcp_exchange(port, b"still serving") == b"still serving"
 
