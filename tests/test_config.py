@@ -208,6 +208,8 @@ def test_good_file_lists_every_service(tmp_path: Path) -> None:
     }
 
 
+@needs_root("the good file listens on ports below 1024 and runs tftp as user: root, "
+            "which only root may")
 def test_keys_not_yet_enforced_get_a_note(tmp_path: Path) -> None:
     """The note names exactly the keys this version parses but does not act on."""
     result = check(good_config(tmp_path))
@@ -238,6 +240,7 @@ def test_include_glob_matching_nothing_is_valid(tmp_path: Path) -> None:
         include: [conf.d/*.yaml]
         services:
           echo:
+            listen: 127.0.0.1:7007
             internal: echo
         """)
     result = check(path)
@@ -246,6 +249,8 @@ def test_include_glob_matching_nothing_is_valid(tmp_path: Path) -> None:
     assert list(table(result.stdout)) == ["echo"]
 
 
+@needs_root("the good file listens on ports below 1024 and runs tftp as user: root, "
+            "which only root may")
 def test_defaults_merge_and_services_override(tmp_path: Path) -> None:
     cfg = configmod.load(str(good_config(tmp_path)))
     hello, echo, dropin = cfg.service("hello"), cfg.service("echo"), cfg.service("dropin")
@@ -259,6 +264,8 @@ def test_defaults_merge_and_services_override(tmp_path: Path) -> None:
                          str(tmp_path / "conf.d" / "10-dropin.yaml"))
 
 
+@needs_root("the good file listens on ports below 1024 and runs tftp as user: root, "
+            "which only root may")
 def test_exec_string_is_split_like_a_shell_and_relative_to_the_file(tmp_path: Path) -> None:
     cfg = configmod.load(str(good_config(tmp_path)))
     hello, tftp = cfg.service("hello"), cfg.service("tftp")
@@ -269,6 +276,8 @@ def test_exec_string_is_split_like_a_shell_and_relative_to_the_file(tmp_path: Pa
     assert tftp.wait is True                     # udp exec services wait by default
 
 
+@needs_root("the good file listens on ports below 1024 and runs tftp as user: root, "
+            "which only root may")
 def test_port_from_etc_services(tmp_path: Path) -> None:
     cfg = configmod.load(str(good_config(tmp_path)))
     by_name = {s.name: [str(a) for a in s.listen] for s in cfg.services}
@@ -312,7 +321,7 @@ def test_file_of_exactly_4_mib_is_accepted(tmp_path: Path) -> None:
 
 def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "superd.yaml"
-    path.write_bytes(b"\xef\xbb\xbfservices:\n  echo:\n    internal: echo\n")
+    path.write_bytes(b"\xef\xbb\xbfservices:\n  echo:\n    listen: 7007\n    internal: echo\n")
     os.chmod(path, 0o644)
     result = check(path)
     assert result.returncode == 0, result.stderr
@@ -667,6 +676,7 @@ def test_error_in_included_file_names_that_file(tmp_path: Path) -> None:
         include: conf.d/*.yaml
         services:
           echo:
+            listen: 127.0.0.1:7007
             internal: echo
         """)
     text = textwrap.dedent("""\
@@ -1041,6 +1051,7 @@ def test_stop_timeout_and_limits_at_their_bounds_are_accepted(tmp_path: Path) ->
 # --- review of the privilege boundary: ids at the kernel's edge, NUL ----------
 
 
+@needs_root("the services name user: nobody and groups, which only root may give")
 def test_ids_past_the_kernels_range_and_nul_characters_are_refused(tmp_path: Path) -> None:
     """A gid of 2**32 crashed check with OverflowError; 2**32-1 is the kernel's
     "no change" and passed, then every start failed; a NUL inside a string
