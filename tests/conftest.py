@@ -39,6 +39,17 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port")
 
 
+def distinct_ports(count: int) -> list[int]:
+    """*count* different free ports: free_port alone may repeat one, and no
+    two services of a file may share a port."""
+    found: set[int] = set()
+    for _ in range(count * 20):
+        found.add(free_port())
+        if len(found) == count:
+            return sorted(found)
+    raise RuntimeError("not enough free ports")
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -23,7 +23,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import free_port, run_superd
+from conftest import distinct_ports, free_port, run_superd
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to run superd check as the user nobody")
@@ -58,17 +58,6 @@ def check_as_nobody(path: Path, *setpriv: str) -> subprocess.CompletedProcess[st
         [*AS_NOBODY, *setpriv, sys.executable, "-m", "superd", "check", "-c", str(path)],
         capture_output=True, text=True, timeout=60, cwd=str(path.parent),
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
-
-
-def distinct_ports(count: int) -> list[int]:
-    """*count* different free ports: free_port alone may repeat one, and no
-    two services of a file may share a port."""
-    found: set[int] = set()
-    for _ in range(count * 20):
-        found.add(free_port())
-        if len(found) == count:
-            return sorted(found)
-    raise RuntimeError("not enough free ports")
 
 
 def locate(text: str, needle: str) -> tuple[int, int]:

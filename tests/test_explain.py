@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import TEST_USER, free_port, run_superd
+from conftest import TEST_USER, distinct_ports, run_superd
 
 # an address of TEST-NET-3 (RFC 5737): documentation only, never this host's
 ELSEWHERE_V4 = "203.0.113.7"
@@ -33,17 +33,6 @@ def _local(address: str) -> bool:
             assert e.errno == errno.EADDRNOTAVAIL, e
             return False
     return True
-
-
-def distinct_ports(count: int) -> list[int]:
-    """*count* different free ports (free_port alone may repeat one: no two
-    services of a file may share a port)."""
-    found: set[int] = set()
-    for _ in range(count * 20):
-        found.add(free_port())
-        if len(found) == count:
-            return sorted(found)
-    raise RuntimeError("not enough free ports")
 
 
 @pytest.fixture
