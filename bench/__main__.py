@@ -189,10 +189,11 @@ def _document(bench: Bench, header: str, args: argparse.Namespace, st: Settings,
         f"- {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}; kernel {facts['kernel']}; "
         f"Python {facts['python']}; {facts['glibc']}; RLIMIT_NOFILE {facts['nofile']} "
         "(inherited by every server).",
-        f"- Load average {load_before} at the start, {system.loadavg()} at the end"
-        + (" — the machine was shared with other work during the run, so absolute figures "
-           "move between runs; the ratios compare servers measured side by side."
-           if float(load_before.split()[0]) > 0.3 else "."),
+        f"- Load average {load_before} at the start, {system.loadavg()} at the end (the "
+        "benchmark's own load included). What else used the machine is measured in every "
+        "run: see each table's Background line"
+        + (f"; over {NOISE_CORES} of a core in some run, so this is no result (see NOISY)."
+           if bench.noisy else f"; at most {NOISE_CORES} of a core in every run."),
         f"- superd {_git_describe()}; peers: {'; '.join(peers) or 'none'}.",
     ]
     if missing:
